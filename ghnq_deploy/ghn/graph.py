@@ -1,0 +1,251 @@
+"""arch spec -> the computational graph a GHN reads (GHN-2 style), and meta-batches of them.
+
+Nodes are operations: one per parameter tensor kind (conv/linear weight, bias, BatchNorm)
+and one per parameter-free op that changes data flow (pooling, add, concat, global pooling).
+Activations and identities are removed and their neighbours joined, as in GHN-2, so the
+GHN sees the same graph for ReLU and ReLU6 nets. Nodes are numbered in topological order;
+each node also gets its *level* (longest path from the input) so a sweep can update all
+nodes of one level at once. Virtual edges join every ancestor/descendant pair up to
+``s_max`` apart (weight 1/s). See docs/ghn.md for the design and its deviations from GHN-2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ghnq_deploy.arch.spec import INPUT_ID, ArchInfo, ArchSpec, analyze
+
+PRIMITIVES = (
+    "input", "conv", "sep_conv", "dil_conv", "linear", "bias", "bn",
+    "sum", "concat", "max_pool", "avg_pool", "glob_avg",
+)
+PRIM_INDEX = {p: i for i, p in enumerate(PRIMITIVES)}
+_REMOVED_OPS = {"relu", "relu6", "identity", "output"}
+
+
+@dataclass(frozen=True)
+class ParamTarget:
+    """A parameter tensor the GHN must produce, and how to decode it."""
+
+    name: str  # state_dict key, e.g. "layers.conv1.weight"
+    shape: tuple[int, ...]
+    node: int  # graph node whose embedding decodes it
+    kind: str  # "weight" (>=2-D), "classifier_weight", "bn_weight", "bias", "classifier_bias"
+    groups: int = 1
+
+
+@dataclass
+class ArchGraph:
+    spec: ArchSpec
+    primitives: np.ndarray  # (N,) int64
+    shapes: np.ndarray  # (N, 4) int64, 0 where a node has no shape
+    levels: np.ndarray  # (N,) int64
+    edges: np.ndarray  # (E, 3) int64: src, dst, distance (1 = real edge)
+    targets: list[ParamTarget] = field(default_factory=list)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.primitives)
+
+
+def _weight_primitive(groups: int, dilation: int) -> str:
+    if dilation > 1:
+        return "dil_conv"
+    return "sep_conv" if groups > 1 else "conv"
+
+
+def build_graph(spec: ArchSpec, info: ArchInfo | None = None, s_max: int = 10) -> ArchGraph:
+    """Computational graph of ``spec`` with real and virtual (shortest-path) edges."""
+    info = info or analyze(spec)
+    shapes = {INPUT_ID: spec.input_shape, **{k: v.shape for k, v in info.nodes.items()}}
+    by_id = {n.id: n for n in spec.nodes}
+    prims: list[str] = ["input"]
+    node_shapes: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)]
+    real_edges: list[tuple[int, int]] = []
+    targets: list[ParamTarget] = []
+    exits: dict[str, list[int]] = {INPUT_ID: [0]}  # spec node -> graph nodes its consumers connect to
+    classifier = spec.output_node.inputs[0]
+
+    def new_node(prim: str, shape=(0, 0, 0, 0), preds: list[int] = ()) -> int:
+        index = len(prims)
+        prims.append(prim)
+        node_shapes.append(tuple(shape))
+        real_edges.extend((p, index) for p in preds)
+        return index
+
+    for node_id in info.order:
+        node = by_id[node_id]
+        preds = sorted({p for i in node.inputs for p in exits[i]})
+        op = node.op
+        prefix = f"layers.{node_id}"
+        if op in _REMOVED_OPS:
+            exits[node_id] = preds
+            continue
+        if op in ("conv", "linear"):
+            c_in = shapes[node.inputs[0]][0]
+            if op == "conv":
+                k, groups = node.attr("kernel"), node.attr("groups")
+                shape = (node.attr("out_channels"), c_in // groups, k, k)
+                prim = _weight_primitive(groups, node.attr("dilation"))
+            else:
+                groups = 1
+                shape = (node.attr("out_features"), int(np.prod(shapes[node.inputs[0]])), 1, 1)
+                prim = "linear"
+            last = node_id == classifier
+            w = new_node(prim, shape, preds)
+            param_shape = shape if op == "conv" else shape[:2]
+            kind = "classifier_weight" if last else "weight"
+            targets.append(ParamTarget(f"{prefix}.weight", param_shape, w, kind, groups))
+            exit_node = w
+            if node.attr("bias"):
+                exit_node = new_node("bias", (shape[0], 0, 0, 0), [w])
+                kind = "classifier_bias" if last else "bias"
+                targets.append(ParamTarget(f"{prefix}.bias", (shape[0],), exit_node, kind))
+            exits[node_id] = [exit_node]
+        elif op == "bn":
+            c = shapes[node_id][0]
+            b = new_node("bn", (c, 0, 0, 0), preds)
+            targets.append(ParamTarget(f"{prefix}.weight", (c,), b, "bn_weight"))
+            targets.append(ParamTarget(f"{prefix}.bias", (c,), b, "bias"))
+            exits[node_id] = [b]
+        elif op in ("maxpool", "avgpool"):
+            k = node.attr("kernel")
+            exits[node_id] = [new_node("max_pool" if op == "maxpool" else "avg_pool", (1, 1, k, k), preds)]
+        elif op == "global_avgpool":
+            exits[node_id] = [new_node("glob_avg", preds=preds)]
+        elif op == "add":
+            exits[node_id] = [new_node("sum", preds=preds)]
+        elif op == "concat":
+            exits[node_id] = [new_node("concat", preds=preds)]
+        else:  # pragma: no cover - every op of the spec is handled above
+            raise ValueError(f"graph: unhandled op {op!r}")
+
+    n = len(prims)
+    levels = np.zeros(n, dtype=np.int64)
+    for src, dst in sorted(real_edges, key=lambda e: e[1]):
+        levels[dst] = max(levels[dst], levels[src] + 1)
+    edges = _with_virtual_edges(n, real_edges, s_max)
+    return ArchGraph(
+        spec=spec,
+        primitives=np.array([PRIM_INDEX[p] for p in prims], dtype=np.int64),
+        shapes=np.array(node_shapes, dtype=np.int64),
+        levels=levels,
+        edges=edges,
+        targets=targets,
+    )
+
+
+def _with_virtual_edges(n: int, real_edges: list[tuple[int, int]], s_max: int) -> np.ndarray:
+    """All (u, v, dist) with 1 <= dist(u, v) <= s_max, by repeated boolean matrix products."""
+    adjacency = np.zeros((n, n), dtype=np.float32)
+    for src, dst in real_edges:
+        adjacency[src, dst] = 1.0
+    dist = np.zeros((n, n), dtype=np.int64)
+    frontier = adjacency.copy()
+    for step in range(1, max(1, s_max) + 1):
+        new = (frontier > 0) & (dist == 0)
+        if not new.any():
+            break
+        dist[new] = step
+        frontier = (frontier @ adjacency > 0).astype(np.float32)
+    src, dst = np.nonzero(dist)
+    return np.stack([src, dst, dist[src, dst]], axis=1).astype(np.int64)
+
+
+@dataclass
+class LevelPlan:
+    """Index tensors for updating one level of nodes in one sweep direction."""
+
+    nodes: torch.Tensor  # (L,) global node indices
+    real_src: torch.Tensor  # neighbours sending over real edges
+    real_pos: torch.Tensor  # position within ``nodes`` receiving each message
+    virt_src: torch.Tensor
+    virt_pos: torch.Tensor
+    virt_weight: torch.Tensor  # (Ev, 1) = 1/s
+
+
+@dataclass
+class GraphBatch:
+    """Several graphs as one disjoint graph, with per-level plans for both sweeps."""
+
+    graphs: list[ArchGraph]
+    primitives: torch.Tensor
+    shapes: torch.Tensor
+    offsets: list[int]
+    forward_plan: list[LevelPlan]
+    backward_plan: list[LevelPlan]
+    graph_index: torch.Tensor  # (N,) which graph each node belongs to
+
+    @classmethod
+    def from_graphs(cls, graphs: list[ArchGraph]) -> GraphBatch:
+        offsets, total = [], 0
+        for g in graphs:
+            offsets.append(total)
+            total += g.num_nodes
+        prims = np.concatenate([g.primitives for g in graphs])
+        shapes = np.concatenate([g.shapes for g in graphs])
+        levels = np.concatenate([g.levels for g in graphs])
+        edges = np.concatenate([g.edges + np.array([off, off, 0]) for g, off in zip(graphs, offsets)])
+        graph_index = np.concatenate([np.full(g.num_nodes, k) for k, g in enumerate(graphs)])
+        forward = _plans(levels, edges, reverse=False)
+        backward = _plans(levels, edges, reverse=True)
+        return cls(graphs, torch.from_numpy(prims), torch.from_numpy(shapes), offsets, forward, backward,
+                   torch.from_numpy(graph_index))
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.primitives)
+
+    def to(self, device: torch.device | str) -> GraphBatch:
+        """Move the index tensors the GNN uses (shapes stay on the CPU for the encoder)."""
+        def move(plan: LevelPlan) -> LevelPlan:
+            return LevelPlan(*(getattr(plan, f).to(device) for f in LevelPlan.__dataclass_fields__))
+        return GraphBatch(self.graphs, self.primitives.to(device), self.shapes, self.offsets,
+                          [move(p) for p in self.forward_plan], [move(p) for p in self.backward_plan],
+                          self.graph_index.to(device))
+
+
+def _plans(levels: np.ndarray, edges: np.ndarray, reverse: bool) -> list[LevelPlan]:
+    """Forward sweep: messages flow src->dst, levels ascending; backward: dst->src, descending.
+
+    Backward sweep levels are counted from the output side so that a node is updated only
+    after all its successors.
+    """
+    src, dst, dist = edges[:, 0], edges[:, 1], edges[:, 2]
+    if reverse:
+        src, dst = dst, src
+        # level from the sink side: longest path to any sink, via real edges reversed
+        order_levels = _reverse_levels(levels, edges)
+    else:
+        order_levels = levels
+    plans = []
+    position = np.zeros(len(levels), dtype=np.int64)
+    for lvl in range(int(order_levels.max()) + 1):
+        nodes = np.nonzero(order_levels == lvl)[0]
+        if len(nodes) == 0:
+            continue
+        position[nodes] = np.arange(len(nodes))
+        incoming = np.isin(dst, nodes)
+        real = incoming & (dist == 1)
+        virt = incoming & (dist > 1)
+        plans.append(LevelPlan(
+            nodes=torch.from_numpy(nodes),
+            real_src=torch.from_numpy(src[real]),
+            real_pos=torch.from_numpy(position[dst[real]]),
+            virt_src=torch.from_numpy(src[virt]),
+            virt_pos=torch.from_numpy(position[dst[virt]]),
+            virt_weight=torch.from_numpy(1.0 / dist[virt].astype(np.float32)).unsqueeze(1),
+        ))
+    return plans
+
+
+def _reverse_levels(levels: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    real = edges[edges[:, 2] == 1]
+    height = np.zeros(len(levels), dtype=np.int64)
+    # process real edges by destination level descending, so each height is final when read
+    for src, dst in real[np.argsort(-levels[real[:, 1]], kind="stable")][:, :2]:
+        height[src] = max(height[src], height[dst] + 1)
+    return height

@@ -1,0 +1,110 @@
+"""Predict a net's parameters with a GHN, and the predicted-model file that later stages read."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ghnq_deploy.arch.builder import ArchNet, build_model
+from ghnq_deploy.arch.spec import ArchError, ArchSpec, analyze, parse_spec
+from ghnq_deploy.ghn.checkpoint import CheckpointError
+from ghnq_deploy.ghn.graph import build_graph
+from ghnq_deploy.ghn.model import BIT_OPTIONS, GHNQ
+from ghnq_deploy.io import atomic_torch_save
+
+PREDICTED_FORMAT = "ghnq-deploy/predicted-model"
+
+
+@dataclass
+class PredictedModel:
+    spec: ArchSpec
+    state_dict: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)  # ghn checkpoint hash, seed, bits, bn_stats, timing
+
+    def build(self, bn_mode: str | None = None) -> ArchNet:
+        """The module with the predicted parameters loaded.
+
+        BatchNorm running statistics are not predicted: unless ``meta['bn_stats']`` says they
+        were calibrated, use ``bn_mode="batch"`` (the paper's protocol) or calibrate them.
+        """
+        from ghnq_deploy.arch.builder import set_bn_mode
+
+        model = build_model(self.spec)
+        model.load_state_dict(self.state_dict)
+        model.eval()
+        if bn_mode:
+            set_bn_mode(model, bn_mode)
+        return model
+
+    def to_dict(self) -> dict:
+        return {"format": PREDICTED_FORMAT, "version": 1, "spec": self.spec.to_dict(),
+                "state_dict": self.state_dict, "meta": self.meta}
+
+
+def check_compatible(ghn: GHNQ, spec: ArchSpec) -> None:
+    """Refuse nets the GHN was not trained for (another class count or input size)."""
+    cfg = ghn.config
+    if spec.num_classes != cfg.num_classes:
+        raise ArchError(f"{spec.source}: the GHN predicts {cfg.num_classes}-class classifiers ({cfg.dataset}); "
+                        f"this net has num_classes={spec.num_classes}")
+    if tuple(spec.input_shape) != tuple(cfg.input_shape):
+        raise ArchError(f"{spec.source}: the GHN was trained on {cfg.dataset} inputs of shape "
+                        f"{list(cfg.input_shape)}; this net expects {list(spec.input_shape)}")
+
+
+def predict(ghn: GHNQ, specs: list[ArchSpec], bits: str = "fp32", seed: int = 0,
+            ghn_info: dict | None = None) -> list[PredictedModel]:
+    """Parameters for every spec, in one GHN forward pass (a meta-batch)."""
+    if bits not in BIT_OPTIONS:
+        raise ValueError(f"unknown bit-width {bits!r}; choose from {', '.join(BIT_OPTIONS)}")
+    infos = [analyze(s) for s in specs]
+    for s in specs:
+        check_compatible(ghn, s)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    graphs = [build_graph(s, i, s_max=ghn.config.s_max) for s, i in zip(specs, infos)]
+    graph_seconds = time.perf_counter() - start
+    ghn.eval()
+    with torch.no_grad():
+        params = ghn.predict_params(graphs, [BIT_OPTIONS.index(bits)] * len(graphs))
+    seconds = time.perf_counter() - start
+    conditioned = ghn.config.bit_conditioning
+    results = []
+    for spec, graph, p in zip(specs, graphs, params):
+        state = build_model(spec, seed=seed).state_dict()  # buffers (BN running stats at init)
+        for name, value in p.items():
+            state[name] = value.detach().cpu().contiguous()
+        meta = {
+            "ghn": {k: v for k, v in (ghn_info or {}).items() if k in ("path", "sha256", "config")},
+            "seed": seed, "bits": bits if conditioned else "fp32",
+            "bn_stats": "uncalibrated", "graph_nodes": graph.num_nodes,
+            "seconds_graph": graph_seconds / len(specs), "seconds_total": seconds / len(specs),
+        }
+        results.append(PredictedModel(spec, state, meta))
+    return results
+
+
+def save_predicted(path, model: PredictedModel) -> None:
+    atomic_torch_save(path, model.to_dict())
+
+
+def load_predicted(path) -> PredictedModel:
+    """Read a predicted-model file (weights_only) and rebuild its spec; errors are one line."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such predicted model") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise CheckpointError(f"{path}: not a readable model file ({str(exc).splitlines()[0][:160]})") from None
+    if not isinstance(data, dict) or data.get("format") != PREDICTED_FORMAT:
+        raise CheckpointError(f"{path}: not a ghnq-deploy predicted model")
+    spec = parse_spec(data["spec"], str(path))
+    analyze(spec)
+    model = PredictedModel(spec, data["state_dict"], data.get("meta", {}))
+    try:
+        model.build()
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: parameters do not match the spec ({str(exc).splitlines()[0][:160]})") from None
+    return model

@@ -1,0 +1,246 @@
+"""GHN-Q meta-training: sample nets, predict their parameters, backprop the nets' loss into the GHN.
+
+Every random choice of a step (which nets, which images, which augmentation, which
+bit-widths) is a pure function of (seed, step), so a run resumed from a checkpoint
+continues exactly as if it had not stopped. Under torchrun the nets of a meta-batch are
+split across processes and DistributedDataParallel averages the GHN's gradients, which
+gives the same update as one process on the whole meta-batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ghnq_deploy.arch.builder import ArchNet
+from ghnq_deploy.arch.sampler import sample_arch
+from ghnq_deploy.data import ImageSet, augment, load_cifar10, normalize
+from ghnq_deploy.ghn.graph import build_graph
+from ghnq_deploy.ghn.model import BIT_OPTIONS, GHNQ, GHNConfig
+from ghnq_deploy.ghn.checkpoint import load_ghn_checkpoint
+from ghnq_deploy.io import atomic_torch_save, atomic_write_text
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "ghnq-train"
+    data: str | None = None
+    epochs: float = 1.0
+    steps: int | None = None  # overrides epochs
+    batch_size: int = 32
+    meta_batch: int = 4
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-5
+    lr_decay_at: float = 0.75  # fraction of the run after which lr *= 0.1
+    grad_clip: float = 5.0
+    seed: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 10
+    train_images: int | None = None  # use only the first N training images (tests, quick runs)
+    init_from: str | None = None  # start from a GHN checkpoint (fine-tuning, e.g. QAT)
+    qat_bits: tuple[str, ...] = ()  # e.g. ("fp32", "w8a8", "w4a8", "w4a4"): QAT when non-empty
+    qat_scheme: str = "paper"
+    bit_conditioning: bool = False
+    ghn: dict = field(default_factory=dict)  # GHNConfig overrides for a fresh GHN
+    device: str = "cpu"
+
+
+@dataclass
+class StepResult:
+    step: int
+    total_steps: int
+    loss: float
+    accuracy: float
+    lr: float
+    seconds: float
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    digest = hashlib.sha256(("|".join(map(str, (seed, *keys)))).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "big"))
+
+
+class MetaBatchSource:
+    """Deterministic (nets, images, labels, bits) for any step."""
+
+    def __init__(self, cfg: TrainConfig, images: ImageSet):
+        self.cfg = cfg
+        self.x = normalize(images.images)
+        self.y = torch.from_numpy(images.labels)
+        self.steps_per_epoch = max(1, len(self.y) // cfg.batch_size)
+
+    def __call__(self, step: int):
+        cfg = self.cfg
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = _rng(cfg.seed, 1, epoch).permutation(len(self.y))
+        idx = torch.from_numpy(order[within * cfg.batch_size:(within + 1) * cfg.batch_size])
+        gen = torch.Generator().manual_seed(int(_rng(cfg.seed, 2, step).integers(2**62)))
+        x = augment(self.x[idx], gen)
+        specs = [sample_arch("id-train", cfg.seed, step * cfg.meta_batch + k) for k in range(cfg.meta_batch)]
+        if cfg.qat_bits:
+            bits = list(_rng(cfg.seed, 3, step).choice(list(cfg.qat_bits), size=cfg.meta_batch))
+        else:
+            bits = ["fp32"] * cfg.meta_batch
+        return specs, x, self.y[idx], bits
+
+
+def net_loss(ghn_params: dict[str, torch.Tensor], spec, x: torch.Tensor, y: torch.Tensor,
+             bits: str = "fp32", scheme: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and correct count of one net running on predicted (non-leaf) parameters."""
+    with torch.device("meta"):
+        net = ArchNet(spec, bn_running_stats=False)
+    if bits == "fp32":
+        logits = torch.func.functional_call(net, ghn_params, (x,))
+    else:
+        from ghnq_deploy.quant.simulate import simulated_forward
+
+        logits = simulated_forward(net, ghn_params, x, scheme=scheme, bits=bits)
+    return F.cross_entropy(logits, y), (logits.argmax(1) == y).sum()
+
+
+class _Forward(nn.Module):
+    """Wraps the GHN so DistributedDataParallel sees a forward() producing all parameters."""
+
+    def __init__(self, ghn: GHNQ):
+        super().__init__()
+        self.ghn = ghn
+
+    def forward(self, graphs, bits):
+        return self.ghn.predict_params(graphs, bits)
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def make_ghn(cfg: TrainConfig) -> GHNQ:
+    if cfg.init_from:
+        ghn, _ = load_ghn_checkpoint(cfg.init_from)
+        if cfg.bit_conditioning and not ghn.config.bit_conditioning:
+            new = GHNQ(GHNConfig.from_dict({**asdict(ghn.config), "bit_conditioning": True}))
+            new.load_state_dict(ghn.state_dict(), strict=False)  # bit embedding starts at zero
+            ghn = new
+        return ghn
+    torch.manual_seed(cfg.seed)
+    return GHNQ(GHNConfig.from_dict({**cfg.ghn, "bit_conditioning": cfg.bit_conditioning}))
+
+
+def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult], None] | None = None,
+          stop_after: int | None = None) -> Path:
+    """Run (or resume) meta-training; returns the path of the final GHN checkpoint.
+
+    ``stop_after`` ends this call after that many steps (the run stays resumable).
+    """
+    rank, world = _dist_info()
+    out = Path(cfg.out_dir)
+    images = load_cifar10("train", cfg.data)
+    if cfg.train_images:
+        images = images.subset(cfg.train_images)
+    source = MetaBatchSource(cfg, images)
+    total = cfg.steps or max(1, math.ceil(cfg.epochs * source.steps_per_epoch))
+
+    ghn = make_ghn(cfg).to(cfg.device)
+    ghn.train()
+    model: nn.Module = _Forward(ghn)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = torch.optim.Adam(ghn.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [int(cfg.lr_decay_at * total)], gamma=0.1)
+    state_path, log_path = out / "last.pt", out / "train_log.jsonl"
+    start = 0
+    if resume and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        ghn.load_state_dict(state["ghn"]["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+        if rank == 0:
+            _truncate_log(log_path, start)
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(log_path, "")
+    if rank == 0:
+        atomic_write_text(out / "train_config.json", json.dumps(asdict(cfg), indent=1))
+
+    ema_loss = ema_acc = None
+    end = total if stop_after is None else min(total, start + stop_after)
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        specs, x, y, bits = source(step)
+        x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
+        mine = [k for k in range(cfg.meta_batch) if k % world == rank]
+        graphs = [build_graph(specs[k], s_max=ghn.config.s_max) for k in mine]
+        bit_ids = [BIT_OPTIONS.index(bits[k]) for k in mine]
+        params = model(graphs, bit_ids)
+        loss = x.new_zeros(())
+        correct = 0
+        for k, p in zip(mine, params):
+            net_l, net_c = net_loss(p, specs[k], x, y, bits[k], cfg.qat_scheme)
+            loss = loss + net_l * world / cfg.meta_batch
+            correct = correct + net_c
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(ghn.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        value = loss.item() / world
+        acc = int(correct) / (len(mine) * len(y))
+        ema_loss = value if ema_loss is None else 0.98 * ema_loss + 0.02 * value
+        ema_acc = acc if ema_acc is None else 0.98 * ema_acc + 0.02 * acc
+        result = StepResult(step + 1, total, ema_loss, ema_acc, scheduler.get_last_lr()[0], time.perf_counter() - t0)
+        if rank == 0:
+            if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+                with open(log_path, "a") as handle:
+                    handle.write(json.dumps({**asdict(result), "raw_loss": value, "raw_acc": acc,
+                                             "time": time.time()}) + "\n")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+                atomic_torch_save(state_path, {
+                    "ghn": _cpu_checkpoint(ghn), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": step + 1, "train_config": asdict(cfg),
+                })
+        if on_step:
+            on_step(result)
+    final = out / "ghn.pt"
+    if rank == 0 and end == total:
+        meta = {"train_config": asdict(cfg), "steps": total, "dataset": "cifar10",
+                "images": images.description, "world_size": world}
+        atomic_torch_save(final, ghn.to("cpu").checkpoint(**meta))
+    return final
+
+
+def _cpu_checkpoint(ghn: GHNQ) -> dict:
+    ckpt = ghn.checkpoint()
+    ckpt["state_dict"] = {k: v.detach().cpu() for k, v in ckpt["state_dict"].items()}
+    return ckpt
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from."""
+    if not log_path.exists():
+        return
+    kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+
+
+def init_distributed() -> bool:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return True
