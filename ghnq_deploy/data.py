@@ -58,7 +58,16 @@ def _layout(folder: Path) -> str | None:
 
 
 def load_cifar10(split: str, path: str | os.PathLike | None = None) -> ImageSet:
-    """``split``: train (45k), val (last 5k of train), train-all (50k), test, test-lossless1000."""
+    """``split``: train (45k), val (last 5k of train), train-all (50k), test, test-lossless1000.
+
+    ``path`` may also be a single .npz file with arrays x (uint8 NHWC) and y: it is then
+    used whole, whatever the split (a user-made subset, e.g. for a machine with little disk).
+    """
+    if path and Path(path).is_file() and str(path).endswith(".npz"):
+        data = np.load(path)
+        if "x" not in data or "y" not in data:
+            raise DataError(f"{path}: expected arrays 'x' (uint8 N,32,32,3) and 'y'")
+        return ImageSet(np.ascontiguousarray(data["x"], dtype=np.uint8), data["y"].astype(np.int64), f"{path}")
     folder = find_cifar10(path)
     layout = _layout(folder)
     if layout == "batches-parent":

@@ -10,7 +10,7 @@ import torch
 
 from ghnq_deploy.errors import UserError
 
-from ghnq_deploy.ghn.model import CHECKPOINT_FORMAT, GHNQ, GHNConfig
+from ghnq_deploy.ghn.model import CHECKPOINT_FORMAT, GHNQ, GHNConfig, checkpoint_sha256
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 SHIPPED = {"default": "ghnq-cifar10.pt", "float": "ghnq-cifar10.pt", "qat": "ghnq-cifar10-qat.pt"}
@@ -49,7 +49,7 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def load_ghn_checkpoint(name_or_path: str | Path | None = None) -> tuple[GHNQ, dict]:
-    """(GHN in eval mode, checkpoint dict without the weights)."""
+    """(GHN in eval mode, checkpoint dict without the weights, plus its path and sha256)."""
     path = resolve_checkpoint(name_or_path)
     data = read_checkpoint(path)
     try:
@@ -60,4 +60,5 @@ def load_ghn_checkpoint(name_or_path: str | Path | None = None) -> tuple[GHNQ, d
     ghn.eval()
     info = {k: v for k, v in data.items() if k != "state_dict"}
     info["path"] = str(path)
+    info["sha256"] = checkpoint_sha256(data)
     return ghn, info

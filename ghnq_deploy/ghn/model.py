@@ -72,13 +72,13 @@ class ShapeEncoder(nn.Module):
 
     def __init__(self, hid: int, num_classes: int):
         super().__init__()
-        self.register_buffer("channel_vocab", torch.from_numpy(_channel_vocab(num_classes)), persistent=False)
+        self.channel_vocab = _channel_vocab(num_classes)  # numpy: lookups happen on the CPU
         self.channels = nn.Embedding(len(self.channel_vocab), hid // 4)
         self.spatial = nn.Embedding(len(_SPATIAL_VOCAB), hid // 4)
 
     def forward(self, shapes: torch.Tensor) -> torch.Tensor:
         s = shapes.numpy()
-        ch = torch.from_numpy(_nearest(self.channel_vocab.numpy(), s[:, :2]))
+        ch = torch.from_numpy(_nearest(self.channel_vocab, s[:, :2]))
         sp = torch.from_numpy(_nearest(_SPATIAL_VOCAB, s[:, 2:]))
         device = self.channels.weight.device
         return torch.cat([self.channels(ch.to(device)).flatten(1), self.spatial(sp.to(device)).flatten(1)], dim=1)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -167,6 +168,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult]
         ghn.load_state_dict(state["ghn"]["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        # the run may be resumed with another length: the decay point follows this config
+        scheduler.milestones = Counter([int(cfg.lr_decay_at * total)])
         start = state["step"]
         if rank == 0:
             _truncate_log(log_path, start)

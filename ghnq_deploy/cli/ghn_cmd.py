@@ -1,0 +1,137 @@
+"""``predict`` and ``train``: the GHN-Q commands."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ghnq_deploy.arch.spec import ArchError, load_spec
+from ghnq_deploy.cli import app, console
+from ghnq_deploy.ghn.checkpoint import load_ghn_checkpoint
+from ghnq_deploy.ghn.model import BIT_OPTIONS
+from ghnq_deploy.io import atomic_write_text
+from ghnq_deploy.workspace import run_dir, set_current
+
+
+def _spec_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(path.glob("*.json"))
+        if not files:
+            raise ArchError(f"{path}: folder holds no *.json arch specs")
+        return files
+    return [path]
+
+
+@app.command()
+def predict(
+    arch: Path = typer.Argument(..., help="An arch.json file, or a folder of them (predicted in meta-batches)."),
+    checkpoint: str = typer.Option("default", help="GHN checkpoint: 'default', 'qat' or a file."),
+    bits: str = typer.Option("fp32", help=f"Target bit-width for bit-conditioned GHNs ({', '.join(BIT_OPTIONS)})."),
+    seed: int = typer.Option(0, help="Seed; the same seed gives bit-identical parameters."),
+    workspace: Optional[Path] = typer.Option(None, help="Workspace folder (default ./ghnq-runs or $GHNQ_WORKSPACE)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write one model file here instead of a run folder."),
+    meta_batch: int = typer.Option(16, help="Nets per GHN forward pass when predicting a folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
+) -> None:
+    """Predict all parameters of the net(s) in ARCH with GHN-Q, in one forward pass per meta-batch."""
+    from ghnq_deploy.ghn.predict import predict as run_predict, save_predicted
+
+    if bits not in BIT_OPTIONS:
+        raise ArchError(f"--bits {bits!r} is not one of {', '.join(BIT_OPTIONS)}")
+    files = _spec_files(arch)
+    if output is not None and len(files) > 1:
+        raise ArchError("--output takes a single arch file; use --workspace for a folder")
+    specs = [load_spec(f) for f in files]
+    ghn, info = load_ghn_checkpoint(checkpoint)
+    rows = []
+    for start in range(0, len(specs), max(1, meta_batch)):
+        chunk = specs[start:start + meta_batch]
+        for model in run_predict(ghn, chunk, bits=bits, seed=seed, ghn_info=info):
+            if output is not None:
+                target = output
+            else:
+                folder = run_dir(model.spec.name, workspace)
+                target = folder / "model.pt"
+                atomic_write_text(folder / "arch.json", model.spec.dumps())
+            save_predicted(target, model)
+            params = sum(v.numel() for k, v in model.state_dict.items() if "running" not in k and "num_batches" not in k)
+            row = {"name": model.spec.name, "params": params, "graph_nodes": model.meta["graph_nodes"],
+                   "ms": round(1000 * model.meta["seconds_total"], 2), "model": str(target),
+                   "checkpoint": info["path"], "checkpoint_sha256": info["sha256"], "seed": seed, "bits": model.meta["bits"]}
+            if output is None:
+                atomic_write_text(target.parent / "predict.json", json.dumps(row, indent=1) + "\n")
+                set_current(target.parent)
+            rows.append(row)
+    if as_json:
+        console.print_json(json.dumps(rows if len(rows) > 1 else rows[0]))
+        return
+    table = Table(title=f"GHN-Q predictions ({Path(info['path']).name}, seed {seed})")
+    for col in ("net", "params", "graph nodes", "ms / net", "written to"):
+        table.add_column(col, justify="right" if col in ("params", "graph nodes", "ms / net") else "left")
+    for r in rows:
+        table.add_row(r["name"], f"{r['params']:,}", str(r["graph_nodes"]), f"{r['ms']:.1f}", r["model"])
+    console.print(table)
+    if output is None:
+        console.print(f"current run: [bold]{Path(rows[-1]['model']).parent}[/] (export and verify use it by default)")
+
+
+@app.command()
+def train(
+    out_dir: Path = typer.Option(Path("ghnq-train"), help="Run folder: checkpoints, JSONL log, config."),
+    data: Optional[str] = typer.Option(None, help="CIFAR-10 folder (npz copy or cifar-10-batches-py) or an x/y .npz."),
+    epochs: float = typer.Option(1.0, help="Epochs over the 45k training images."),
+    steps: Optional[int] = typer.Option(None, help="Total steps (overrides --epochs)."),
+    batch_size: int = typer.Option(32, help="Images per step (shared by every net of the meta-batch)."),
+    meta_batch: int = typer.Option(4, help="Architectures per step."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate (x0.1 at --lr-decay-at of the run)."),
+    weight_decay: float = typer.Option(1e-5, help="Adam weight decay."),
+    lr_decay_at: float = typer.Option(0.75, help="Fraction of the run after which lr is multiplied by 0.1."),
+    seed: int = typer.Option(0, help="Seed of every random choice (nets, images, augmentation)."),
+    checkpoint_every: int = typer.Option(200, help="Steps between atomic checkpoints (last.pt)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT_DIR/last.pt."),
+    init_from: Optional[str] = typer.Option(None, help="Start from a GHN checkpoint ('default', 'qat' or a file)."),
+    qat: bool = typer.Option(False, "--qat", help="Quantization-aware: fake-quant nets in the loop."),
+    qat_bits: str = typer.Option("fp32,w8a8,w4a8,w4a4", help="Bit-widths drawn per net in --qat."),
+    qat_scheme: str = typer.Option("paper", help="Quantization scheme preset for --qat."),
+    bit_conditioning: bool = typer.Option(False, help="Condition the GHN on the target bit-width."),
+    train_images: Optional[int] = typer.Option(None, help="Use only the first N training images."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Meta-train GHN-Q on CIFAR-10 (runs under torchrun with DistributedDataParallel too)."""
+    from ghnq_deploy.ghn.train import TrainConfig, init_distributed, train as run_train
+
+    distributed = init_distributed()
+    bits = tuple(b.strip() for b in qat_bits.split(",") if b.strip()) if qat else ()
+    unknown = [b for b in bits if b not in BIT_OPTIONS]
+    if unknown:
+        raise ArchError(f"--qat-bits: unknown bit-width(s) {unknown}; choose from {', '.join(BIT_OPTIONS)}")
+    cfg = TrainConfig(
+        out_dir=str(out_dir), data=data, epochs=epochs, steps=steps, batch_size=batch_size, meta_batch=meta_batch,
+        lr=lr, weight_decay=weight_decay, lr_decay_at=lr_decay_at, seed=seed, checkpoint_every=checkpoint_every,
+        train_images=train_images, init_from=init_from, qat_bits=bits, qat_scheme=qat_scheme,
+        bit_conditioning=bit_conditioning, device=device,
+    )
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if distributed else 0
+    columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.1%}"), TimeElapsedColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=rank != 0) as progress:
+        task = progress.add_task("train", total=None, loss=float("nan"), acc=0.0)
+
+        def on_step(result) -> None:
+            progress.update(task, total=result.total_steps, completed=result.step, loss=result.loss, acc=result.accuracy)
+
+        final = run_train(cfg, resume=resume, on_step=on_step)
+    if rank == 0:
+        console.print(f"GHN checkpoint: [bold]{final}[/]; log: {out_dir / 'train_log.jsonl'}")
+        console.print_json(json.dumps(asdict(cfg)))
+    if distributed:
+        dist.destroy_process_group()
