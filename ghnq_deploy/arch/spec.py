@@ -146,7 +146,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> ArchSpec:
     if not isinstance(data, dict):
         raise _fail(source, "top level must be a JSON object")
     allowed = {"name", "input_shape", "num_classes", "nodes"}
-    unknown = sorted(set(data) - allowed)
+    unknown = sorted(str(k) for k in set(data) - allowed)
     if unknown:
         raise _fail(source, f"unknown top-level key(s) {unknown}; allowed: {sorted(allowed)}")
     for key in ("name", "input_shape", "num_classes", "nodes"):
@@ -171,9 +171,9 @@ def parse_spec(data: Any, source: str = "<spec>") -> ArchSpec:
         if not isinstance(raw, dict):
             raise _fail(source, f"nodes[{index}] must be an object")
         node_id = raw.get("id")
-        if not isinstance(node_id, str) or not _ID_PATTERN.match(node_id):
+        if not isinstance(node_id, str) or not _ID_PATTERN.fullmatch(node_id):
             raise _fail(source, f"nodes[{index}]: 'id' must match {_ID_PATTERN.pattern}")
-        extra = sorted(set(raw) - {"id", "op", "inputs", "attributes"})
+        extra = sorted(str(k) for k in set(raw) - {"id", "op", "inputs", "attributes"})
         if extra:
             raise _fail(source, f"unknown key(s) {extra}", node_id)
         if node_id == INPUT_ID:
@@ -182,7 +182,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> ArchSpec:
             raise _fail(source, "duplicate id", node_id)
         seen.add(node_id)
         op = raw.get("op")
-        if op not in OP_ATTRIBUTES:
+        if not isinstance(op, str) or op not in OP_ATTRIBUTES:
             raise _fail(source, f"unknown op {op!r}; known ops: {', '.join(OPS)}", node_id)
         inputs = raw.get("inputs", [])
         if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
@@ -194,7 +194,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> ArchSpec:
         for key, value in attributes.items():
             if key not in schema:
                 allowed_attrs = ", ".join(schema) or "none"
-                raise _fail(source, f"unknown attribute '{key}' for op '{op}' (allowed: {allowed_attrs})", node_id)
+                raise _fail(source, f"unknown attribute {key!r} for op '{op}' (allowed: {allowed_attrs})", node_id)
             kind = schema[key][0]
             ok = isinstance(value, bool) if kind is bool else (
                 _check_int(value) if kind is int else isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -211,7 +211,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> ArchSpec:
     return ArchSpec(name, (shape[0], shape[1], shape[2]), num_classes, tuple(nodes), source)
 
 
-def load_spec(path: str | Path) -> ArchSpec:
+def load_spec(path: str | Path, param_cap: int = DEFAULT_PARAM_CAP) -> ArchSpec:
     """Read, parse and validate an arch.json file (raises ArchError)."""
     path = Path(path)
     try:
@@ -223,7 +223,7 @@ def load_spec(path: str | Path) -> ArchSpec:
     except json.JSONDecodeError as exc:
         raise ArchError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     spec = parse_spec(data, str(path))
-    analyze(spec)
+    analyze(spec, param_cap=param_cap)
     return spec
 
 
@@ -244,7 +244,7 @@ def topological_order(spec: ArchSpec) -> tuple[str, ...]:
             raise _fail(spec.source, f"op '{n.op}' has no inputs (no path from the input)", n.id)
         for i in n.inputs:
             if i != INPUT_ID and i not in ids:
-                raise _fail(spec.source, f"input '{i}' does not exist (dangling reference)", n.id)
+                raise _fail(spec.source, f"input {i!r} does not exist (dangling reference)", n.id)
             if i == n.id:
                 raise _fail(spec.source, "node feeds itself (cycle)", n.id)
     pending = {n.id: len(set(n.inputs) - {INPUT_ID}) for n in spec.nodes}
@@ -300,13 +300,16 @@ def _infer_node(spec: ArchSpec, node: Node, in_shapes: list[tuple[int, ...]]) ->
         params = out_c * (c // groups) * k * k + (out_c if node.attr("bias") else 0)
         return NodeInfo((out_c, oh, ow), params, out_c * oh * ow * (c // groups) * k * k)
     if op == "bn":
+        eps = node.attr("eps")
+        if not (math.isfinite(eps) and eps > 0):
+            raise fail(f"eps must be a finite number > 0, got {eps!r}")
         return NodeInfo(x, 2 * x[0], 0)
     if op in ("relu", "relu6", "identity"):
         return NodeInfo(x, 0, 0)
     if op in ("maxpool", "avgpool"):
         c, h, w = x
         k, pad = node.attr("kernel"), node.attr("padding")
-        stride = node.attr("stride") or k
+        stride = k if node.attr("stride") is None else node.attr("stride")
         if k < 1 or stride < 1 or pad < 0 or pad > k // 2:
             raise fail("pool needs kernel >= 1, stride >= 1 and 0 <= padding <= kernel/2")
         if k > h + 2 * pad or k > w + 2 * pad:
