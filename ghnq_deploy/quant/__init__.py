@@ -1,0 +1,1 @@
+"""Quantization: schemes (scheme.py) and the fake-quant simulator (simulate.py)."""
