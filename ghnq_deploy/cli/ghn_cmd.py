@@ -102,11 +102,12 @@ def train(
     bit_conditioning: bool = typer.Option(False, help="Condition the GHN on the target bit-width."),
     train_images: Optional[int] = typer.Option(None, help="Use only the first N training images."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    max_minutes: Optional[float] = typer.Option(None, help="Wall-clock budget: shorten the run (and its lr decay) to fit."),
 ) -> None:
     """Meta-train GHN-Q on CIFAR-10 (runs under torchrun with DistributedDataParallel too)."""
     from ghnq_deploy.ghn.train import TrainConfig, init_distributed, train as run_train
 
-    distributed = init_distributed()
+    distributed = init_distributed(device)
     bits = tuple(b.strip() for b in qat_bits.split(",") if b.strip()) if qat else ()
     unknown = [b for b in bits if b not in BIT_OPTIONS]
     if unknown:
@@ -115,7 +116,7 @@ def train(
         out_dir=str(out_dir), data=data, epochs=epochs, steps=steps, batch_size=batch_size, meta_batch=meta_batch,
         lr=lr, weight_decay=weight_decay, lr_decay_at=lr_decay_at, seed=seed, checkpoint_every=checkpoint_every,
         train_images=train_images, init_from=init_from, qat_bits=bits, qat_scheme=qat_scheme,
-        bit_conditioning=bit_conditioning, device=device,
+        bit_conditioning=bit_conditioning, device=device, max_minutes=max_minutes,
     )
     import torch.distributed as dist
 

@@ -56,6 +56,7 @@ class TrainConfig:
     bit_conditioning: bool = False
     ghn: dict = field(default_factory=dict)  # GHNConfig overrides for a fresh GHN
     device: str = "cpu"
+    max_minutes: float | None = None  # wall-clock budget: the run is shortened to fit it
 
 
 @dataclass
@@ -181,7 +182,14 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult]
 
     ema_loss = ema_acc = None
     end = total if stop_after is None else min(total, start + stop_after)
-    for step in range(start, end):
+    call_start = time.perf_counter()
+    step = start
+    while step < end:
+        if cfg.max_minutes and step == start + _BUDGET_PROBE_STEPS:
+            total, end = _fit_to_budget(cfg, total, end, step, step - start, time.perf_counter() - call_start)
+            scheduler.milestones = Counter([int(cfg.lr_decay_at * total)])
+            if step >= end:
+                break
         t0 = time.perf_counter()
         specs, x, y, bits = source(step)
         x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
@@ -200,7 +208,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult]
         nn.utils.clip_grad_norm_(ghn.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
-        value = loss.item() / world
+        value = loss.item() * cfg.meta_batch / (world * len(mine))  # this process's mean loss
         acc = int(correct) / (len(mine) * len(y))
         ema_loss = value if ema_loss is None else 0.98 * ema_loss + 0.02 * value
         ema_acc = acc if ema_acc is None else 0.98 * ema_acc + 0.02 * acc
@@ -217,12 +225,27 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult]
                 })
         if on_step:
             on_step(result)
+        step += 1
     final = out / "ghn.pt"
-    if rank == 0 and end == total:
+    if rank == 0 and end >= total:
         meta = {"train_config": asdict(cfg), "steps": total, "dataset": "cifar10",
                 "images": images.description, "world_size": world}
         atomic_torch_save(final, ghn.to("cpu").checkpoint(**meta))
     return final
+
+
+_BUDGET_PROBE_STEPS = 20
+
+
+def _fit_to_budget(cfg: TrainConfig, total: int, end: int, step: int, done: int, seconds: float) -> tuple[int, int]:
+    """(total, end) shortened so the run ends within cfg.max_minutes; all ranks take rank 0's."""
+    remaining = cfg.max_minutes * 60 - seconds
+    reachable = int(max(0.0, remaining) / (seconds / done) * 0.95)
+    new_end = torch.tensor([min(end, step + reachable)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast(new_end, src=0)
+    new_end = int(new_end)
+    return min(total, new_end), new_end
 
 
 def _cpu_checkpoint(ghn: GHNQ) -> dict:
@@ -239,11 +262,11 @@ def _truncate_log(log_path: Path, step: int) -> None:
     atomic_write_text(log_path, "".join(line + "\n" for line in kept))
 
 
-def init_distributed() -> bool:
+def init_distributed(device: str = "cpu") -> bool:
     """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return False
     if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device.startswith("cuda") else "gloo"
         torch.distributed.init_process_group(backend)
     return True
