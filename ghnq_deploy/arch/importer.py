@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ghnq_deploy.arch.spec import _ID_PATTERN, INPUT_ID, ArchError, ArchSpec, Node, analyze
+from ghnq_deploy.arch.spec import _ID_PATTERN, INPUT_ID, ArchError, ArchSpec, Node, analyze, parse_spec
 
 Shape = tuple[int, ...]
 
@@ -488,6 +488,7 @@ class _Importer:
         nodes = [node for node in self.nodes if node.id in live]
         nodes.append(Node("output", "output", (result.node,), {}))
         spec = ArchSpec(self.name, self.input_shape, self.num_classes, tuple(nodes), source=self.name)
+        spec = parse_spec(spec.to_dict(), source=self.name)  # the same checks as a file gets (name, ids, ...)
         info = analyze(spec, param_cap=sys.maxsize if param_cap is None else param_cap)
         for node_id, shape in self.expected.items():
             if node_id in live and info.nodes[node_id].shape != shape:
