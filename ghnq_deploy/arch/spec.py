@@ -213,6 +213,11 @@ def parse_spec(data: Any, source: str = "<spec>") -> ArchSpec:
 
 def load_spec(path: str | Path, param_cap: int = DEFAULT_PARAM_CAP) -> ArchSpec:
     """Read, parse and validate an arch.json file (raises ArchError)."""
+    return load_info(path, param_cap).spec
+
+
+def load_info(path: str | Path, param_cap: int = DEFAULT_PARAM_CAP) -> ArchInfo:
+    """:func:`load_spec`, keeping the analysis (shapes, params, MACs) instead of redoing it."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -222,9 +227,7 @@ def load_spec(path: str | Path, param_cap: int = DEFAULT_PARAM_CAP) -> ArchSpec:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ArchError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    spec = parse_spec(data, str(path))
-    analyze(spec, param_cap=param_cap)
-    return spec
+    return analyze(parse_spec(data, str(path)), param_cap=param_cap)
 
 
 def save_spec(spec: ArchSpec, path: str | Path) -> None:

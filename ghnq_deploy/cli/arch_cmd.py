@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ghnq_deploy.arch.spec import DEFAULT_PARAM_CAP, ArchInfo, ArchSpec, analyze, load_spec, save_spec
+from ghnq_deploy.arch.spec import DEFAULT_PARAM_CAP, ArchInfo, ArchSpec, analyze, load_info, save_spec
 from ghnq_deploy.cli import app, console, fail
 from ghnq_deploy.errors import UserError
 
@@ -94,8 +94,7 @@ def show(
     param_cap: int = typer.Option(DEFAULT_PARAM_CAP, "--param-cap", help=_CAP_HELP),
 ) -> None:
     """Show every node with its output shape and parameters, and the totals (params, MACs)."""
-    spec = load_spec(path, param_cap=param_cap)
-    info = analyze(spec, param_cap=param_cap)
+    info = load_info(path, param_cap=param_cap)
     if as_json:
         typer.echo(json.dumps(summary(info), indent=1))
     else:
@@ -111,13 +110,12 @@ def validate(
     bad = 0
     for path in paths:
         try:
-            spec = load_spec(path, param_cap=param_cap)
+            info = load_info(path, param_cap=param_cap)
         except UserError as exc:
             fail(str(exc))
             bad += 1
             continue
-        info = analyze(spec, param_cap=param_cap)
-        console.print(f"[green]ok[/] {path}: {spec.name}, {len(spec.nodes)} nodes, "
+        console.print(f"[green]ok[/] {path}: {info.spec.name}, {len(info.spec.nodes)} nodes, "
                       f"{info.params:,} params, {info.macs:,} MACs", highlight=False, soft_wrap=True)
     if bad:
         raise typer.Exit(2)
