@@ -9,11 +9,18 @@ import pytest
 _SHARED_CIFAR10 = Path("/work/shared/data/cifar10")
 
 
-@pytest.fixture(autouse=True)
-def _shared_cifar10(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Set GHNQ_CIFAR10 for every test only where the shared data set exists (never downloads)."""
-    if _SHARED_CIFAR10.is_dir():
-        monkeypatch.setenv("GHNQ_CIFAR10", str(_SHARED_CIFAR10))
+@pytest.fixture(autouse=True, scope="session")
+def _shared_cifar10():
+    """Set GHNQ_CIFAR10 only where the shared data set exists (never downloads).
+
+    Session scope, so module-scoped fixtures that load data see it too.
+    """
+    if not _SHARED_CIFAR10.is_dir():
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GHNQ_CIFAR10", str(_SHARED_CIFAR10))
+        yield
 
 
 @pytest.fixture
