@@ -341,3 +341,26 @@ def test_train_net_loss_uses_the_simulator():
     grads = [p.grad for p in ghn.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_fast_inplace_path_matches_the_autograd_path_and_touches_no_inputs():
+    """No-grad evaluation quantizes its own intermediates in place; it must not change the
+    input, the parameters, or (beyond float-rounding ties) the numbers of the autograd path."""
+    spec = tiny_spec()
+    model = set_bn_mode(build_model(spec, seed=11), "batch")
+    x = torch.randn(32, 3, 32, 32)
+    x_before = x.clone()
+    params_before = {k: v.detach().clone() for k, v in _params(model).items()}
+    for preset in ("paper", "tflite-int8"):
+        sim = QuantSim(model, preset, "w8a8")
+        if sim.scheme.range_source == "calibrated":
+            sim.calibrate([x])
+        with torch.no_grad():
+            fast = sim(x)
+        leaf = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in _params(model).items()}
+        slow = simulated_forward(_meta_net(spec), leaf, x, scheme=preset, bits="w8a8", ranges=sim.ranges or None)
+        assert slow.requires_grad
+        assert (fast - slow.detach()).pow(2).mean() < 1e-4 * slow.detach().var(), preset
+    assert torch.equal(x, x_before)
+    for k, v in _params(model).items():
+        assert torch.equal(v, params_before[k]), k

@@ -59,13 +59,16 @@ class Step:
     act: str | None = None  # "relu" / "relu6" applied before the output quantizer
     quantize: bool = True
     kwargs: dict = field(default_factory=dict)  # conv / pool hyper-parameters
+    gram_stats: bool = False  # 1x1 expanding conv: BN statistics from the input's covariance
 
 
-def _act(x: torch.Tensor, kind: str | None) -> torch.Tensor:
+def _act(x: torch.Tensor, kind: str | None, inplace: bool = False) -> torch.Tensor:
+    """ReLU / ReLU6; ``inplace`` only for tensors the step itself just made, and never under autograd."""
+    inplace = inplace and not (x.requires_grad and torch.is_grad_enabled())
     if kind == "relu":
-        return F.relu(x)
+        return F.relu(x, inplace=inplace)
     if kind == "relu6":
-        return F.hardtanh(x, 0.0, 6.0)
+        return F.hardtanh(x, 0.0, 6.0, inplace=inplace)
     return x
 
 
@@ -101,10 +104,12 @@ def compile_plan(net: nn.Module, fuse_activations: bool = True) -> list[Step]:
                 chain.append(a)
                 act, cur = by_id[a].op, a
             absorbed.update(chain)
-            kwargs = {}
+            kwargs, gram = {}, False
             if op == "conv":
                 kwargs = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups}
-            plan.append(Step(op, cur, node.inputs, tuple(chain), prefix, bn_prefix, eps, act, True, kwargs))
+                gram = (bn_prefix is not None and tuple(mod.kernel_size) == (1, 1) and mod.groups == 1
+                        and tuple(mod.padding) == (0, 0) and 2 * mod.in_channels <= mod.out_channels)
+            plan.append(Step(op, cur, node.inputs, tuple(chain), prefix, bn_prefix, eps, act, True, kwargs, gram))
         elif op in ("relu", "relu6"):
             plan.append(Step("act", node_id, node.inputs, (node_id,), act=op))
         elif op in ("maxpool", "avgpool"):
@@ -146,8 +151,12 @@ class _Context:
     weight_cache: dict[str, tuple] | None = None
 
 
-def _quant_act(ctx: _Context, key: str, t: torch.Tensor):
-    """Fake-quantize an activation; returns (tensor, (scale, zero_point) or None)."""
+def _quant_act(ctx: _Context, key: str, t: torch.Tensor, owned: bool = True):
+    """Fake-quantize an activation; returns (tensor, (scale, zero_point) or None).
+
+    ``owned``: ``t`` was made by this step and nothing else holds it, so without autograd
+    it is quantized in place (no new activation-sized buffer).
+    """
     s = ctx.scheme
     if s.act_bits is None:
         return t, None
@@ -164,7 +173,8 @@ def _quant_act(ctx: _Context, key: str, t: torch.Tensor):
         except (KeyError, TypeError):
             raise SimulationError(f"scheme '{s.name}' uses calibrated ranges but '{key}' was never calibrated; "
                                   "call calibrate() first") from None
-    out, scale, zp = fake_quant_range(t, mn, mx, s.act_bits, s.act_symmetric, s.act_narrow_range, s.rounding)
+    out, scale, zp = fake_quant_range(t, mn, mx, s.act_bits, s.act_symmetric, s.act_narrow_range, s.rounding,
+                                      inplace=owned)
     return out, (scale, zp)
 
 
@@ -188,28 +198,58 @@ def _weights(step: Step, params: dict[str, torch.Tensor], ctx: _Context, x: torc
         if cache is not None:
             cache[step.out] = (wq, ws, b)
         return wq, ws, b, None
-    # batch statistics: a float conv gives this batch's mean / variance (paper Eq. 1)
-    y = F.conv2d(x, w, b, **step.kwargs)
+    # batch statistics of the float conv's output (paper Eq. 1)
     bp = step.bn
     gamma, beta = params[bp + "weight"], params[bp + "bias"]
     if s.weight_bits is None:  # float weights: plain batch norm is the same function, one conv cheaper
+        y = F.conv2d(x, w, b, **step.kwargs)
         return None, None, None, F.batch_norm(y, None, None, gamma, beta, True, 0.0, step.eps)
-    mean, var = batch_stats(y)
+    if step.gram_stats:
+        stride = step.kwargs["stride"]
+        mean, var = pointwise_conv_stats(x[:, :, ::stride[0], ::stride[1]], w, b)
+    else:
+        mean, var = batch_stats(F.conv2d(x, w, b, **step.kwargs))
     w, b = fold_batchnorm(w, b, gamma, beta, mean, var, step.eps)
     wq, ws = fake_quant_weight(w, s)
     return wq, ws, b, None
 
 
+def pointwise_conv_stats(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``conv1x1(x, w, b)`` without running the conv.
+
+    ``mean = W mu + b`` and ``var_c = w_c^T Cov(x) w_c`` with the input's channel covariance:
+    N*H*W*Cin^2 multiply-adds instead of the conv's N*H*W*Cin*Cout, so an expanding 1x1 conv
+    (MobileNetV2's, Cout = 2..6 x Cin) needs no second full conv for its batch statistics.
+    The input is centred first, so there is no E[x^2] - E[x]^2 cancellation.
+    """
+    n, c = x.shape[:2]
+    flat = x.reshape(n, c, -1)
+    count = flat.shape[0] * flat.shape[2]
+    mu = flat.sum(dim=(0, 2)) / count
+    centred = flat - mu.reshape(1, -1, 1)
+    cov = torch.bmm(centred, centred.transpose(1, 2)).sum(0) / count
+    w2 = w.reshape(w.shape[0], -1)
+    mean = w2 @ mu + (b if b is not None else 0.0)
+    var = torch.clamp(((w2 @ cov) * w2).sum(1), min=0.0)
+    return mean, var
+
+
 def batch_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of an NCHW batch (what BatchNorm normalises with).
 
-    ``E[y^2] - E[y]^2`` with torch's pairwise sums: two contiguous reductions, about 3x
-    faster on CPU than ``torch.var_mean`` over (0, 2, 3); the cancellation error is about
+    ``E[y^2] - E[y]^2`` with torch's pairwise sums: contiguous reductions, about 3x faster
+    on CPU than ``torch.var_mean`` over (0, 2, 3); without autograd the sum of squares is a
+    2-norm, which needs no temporary. The cancellation error is about
     1e-7 * (1 + mean^2 / var) relative, far below any quantization step.
     """
-    mean = y.mean(dim=(0, 2, 3))
-    var = torch.clamp((y * y).mean(dim=(0, 2, 3)) - mean * mean, min=0.0)
-    return mean, var
+    count = y.numel() // y.shape[1]
+    mean = y.sum(dim=(0, 2, 3)) / count
+    if y.requires_grad and torch.is_grad_enabled():
+        sq = (y * y).sum(dim=(0, 2, 3)) / count
+    else:
+        sq = torch.linalg.vector_norm(y, 2, dim=(0, 2, 3)).square_() / count
+    return mean, torch.clamp(sq - mean * mean, min=0.0)
 
 
 def run_plan(plan: list[Step], params: dict[str, torch.Tensor], x: torch.Tensor, ctx: _Context) -> torch.Tensor:
@@ -218,7 +258,7 @@ def run_plan(plan: list[Step], params: dict[str, torch.Tensor], x: torch.Tensor,
     values: dict[str, torch.Tensor] = {}
     qps: dict[str, tuple | None] = {}
     if s.quantize_input:
-        values[INPUT_ID], qps[INPUT_ID] = _quant_act(ctx, INPUT_ID, x)
+        values[INPUT_ID], qps[INPUT_ID] = _quant_act(ctx, INPUT_ID, x, owned=False)
     else:
         values[INPUT_ID], qps[INPUT_ID] = x, None
     out = x
@@ -236,7 +276,7 @@ def run_plan(plan: list[Step], params: dict[str, torch.Tensor], x: torch.Tensor,
                 if b is not None and s.bias == "int32" and s.weight_bits is not None and in_qp is not None:
                     b = fake_quant_bias(b, in_qp[0] * ws, s.rounding)
                 y = F.conv2d(xin, wq, b, **step.kwargs) if kind == "conv" else F.linear(xin, wq, b)
-            out, qp = _quant_act(ctx, step.out, _act(y, step.act))
+            out, qp = _quant_act(ctx, step.out, _act(y, step.act, inplace=True))
         elif kind == "bn":
             p = step.prefix
             if ctx.bn == "batch":
@@ -244,7 +284,7 @@ def run_plan(plan: list[Step], params: dict[str, torch.Tensor], x: torch.Tensor,
             else:
                 y = F.batch_norm(xin, params[p + "running_mean"], params[p + "running_var"], params[p + "weight"],
                                  params[p + "bias"], False, 0.0, step.eps)
-            out, qp = _quant_act(ctx, step.out, _act(y, step.act))
+            out, qp = _quant_act(ctx, step.out, _act(y, step.act, inplace=True))
         elif kind == "act":
             out, qp = _quant_act(ctx, step.out, _act(xin, step.act))
         elif kind == "maxpool" or kind == "avgpool":
@@ -261,8 +301,8 @@ def run_plan(plan: list[Step], params: dict[str, torch.Tensor], x: torch.Tensor,
         elif kind == "gap":
             out, qp = _quant_act(ctx, step.out, xin.mean(dim=(2, 3)))
         elif kind == "add":
-            y = xin
-            for i in step.inputs[1:]:
+            y = xin + values[step.inputs[1]] if len(step.inputs) > 1 else xin.clone()
+            for i in step.inputs[2:]:
                 y = y + values[i]
             out, qp = _quant_act(ctx, step.out, y)
         elif kind == "concat":
