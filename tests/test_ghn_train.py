@@ -16,7 +16,7 @@ from ghnq_deploy.data import load_cifar10
 from ghnq_deploy.ghn.graph import build_graph
 
 pytestmark = pytest.mark.skipif(
-    not os.environ.get("GHNQ_CIFAR10") and not os.path.isdir("../shared/data/cifar10"),
+    not any(p and os.path.isdir(p) for p in (os.environ.get("GHNQ_CIFAR10"), "/work/shared/data/cifar10")),
     reason="needs the CIFAR-10 copy",
 )
 
