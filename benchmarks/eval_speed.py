@@ -9,8 +9,10 @@ runs does not (measured: whole-run ratios of the same net varied 1.1x-2.6x).
 
 ``--clock cpu`` (default) measures this process's CPU time (use with ``--threads 1``);
 ``--clock wall`` measures elapsed time. ``--tune-malloc`` keeps freed buffers in the heap
-(glibc mallopt), as ``ghnq-deploy evaluate`` does: without it, every large activation is
-a fresh mmap and page faults can cost more than the convolutions.
+(glibc mallopt) and denormals are flushed, as ``ghnq-deploy evaluate`` does: without the
+first, every large activation is a fresh mmap and page faults can cost more than the
+convolutions. Images are the channels_last batches ``data.normalize`` returns, as in the
+evaluation (oneDNN convs run faster on them, and so must the quantizers).
 
     python benchmarks/eval_speed.py --split id-test -n 6 --threads 1
 """
@@ -60,6 +62,7 @@ def main() -> None:
     from ghnq_deploy.report.evaluate import calibrate_running_bn
 
     tuned = tune_malloc() if args.tune_malloc else False
+    torch.set_flush_denormal(True)  # as ghnq-deploy evaluate does
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter

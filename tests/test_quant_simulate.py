@@ -364,3 +364,30 @@ def test_fast_inplace_path_matches_the_autograd_path_and_touches_no_inputs():
     assert torch.equal(x, x_before)
     for k, v in _params(model).items():
         assert torch.equal(v, params_before[k]), k
+
+
+@pytest.mark.parametrize("preset,bits", [("paper", "w4a4"), ("paper", "w8a8"), ("tflite-int8", "w8a8")])
+def test_evaluation_fast_path_is_bit_identical_with_running_bn(preset, bits):
+    """With folded running statistics the no-grad path (ReLU folded into the code clamp,
+    in-place quantizers) and the autograd path (explicit ReLU, torch fake-quant ops) must
+    give exactly the same logits."""
+    spec = tiny_spec()
+    model = build_model(spec, seed=12)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    set_bn_mode(model, "running")
+    x = torch.randn(16, 3, 32, 32)
+    sim = QuantSim(model, preset, bits, bn="running")
+    if sim.scheme.range_source == "calibrated":
+        sim.calibrate([x])
+    with torch.no_grad():
+        fast = sim(x)
+    leaf = {k: v.detach().clone() for k, v in _params(model).items()}
+    for k, _ in model.named_parameters():
+        leaf[k].requires_grad_(True)
+    slow = simulated_forward(_meta_net(spec), leaf, x, scheme=preset, bits=bits, bn="running",
+                             ranges=sim.ranges or None)
+    assert torch.equal(fast, slow.detach())
