@@ -20,8 +20,13 @@ BatchNorm after a conv is folded into it (Jacob et al. 2018; GHN-Q paper Eq. 1):
 ``w_fold = w * gamma / sqrt(var + eps)``, ``b_fold = beta + (b - mean) * gamma / sqrt(var + eps)``,
 and the *folded* weights are quantized. With ``bn="batch"`` the mean and variance are the
 statistics of the current batch (a float conv computes them, then the quantized folded
-conv runs: two convs per folded layer, as in the paper's protocol); with ``bn="running"``
-they are the module's running statistics, folded once.
+conv runs: two convs per folded layer, inherent to the paper's per-batch protocol; an
+expanding 1x1 conv gets them from its input's covariance instead); with ``bn="running"``
+they are the module's running statistics, folded once and cached.
+
+Evaluation speed (no autograd) comes from quantizing each step's own output in place,
+folding a fused ReLU into the code clamp, and keeping oneDNN's channels_last layout;
+measured ratios vs float are in docs/quantization.md (benchmarks/eval_speed.py).
 """
 
 from __future__ import annotations
