@@ -16,6 +16,8 @@ from ghnq_deploy.ghn.model import GHNQ, GHNConfig
 from ghnq_deploy.ghn.predict import predict
 from ghnq_deploy.io import atomic_torch_save
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 
 def _spec(nodes, name="edge", num_classes=10, input_shape=(3, 32, 32)):
     return parse_spec({"name": name, "input_shape": list(input_shape), "num_classes": num_classes, "nodes": nodes})

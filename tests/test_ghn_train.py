@@ -15,10 +15,10 @@ from ghnq_deploy.ghn.train import MetaBatchSource, TrainConfig, make_ghn, net_lo
 from ghnq_deploy.data import load_cifar10
 from ghnq_deploy.ghn.graph import build_graph
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.usefixtures("torch_one_thread"), pytest.mark.skipif(
     not any(p and os.path.isdir(p) for p in (os.environ.get("GHNQ_CIFAR10"), "/work/shared/data/cifar10")),
     reason="needs the CIFAR-10 copy",
-)
+)]
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
