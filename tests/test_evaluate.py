@@ -239,8 +239,21 @@ def test_cli_tiny_run(tmp_path, random_checkpoint):
     (["--split", "id-test", "--scheme", "tflite"], "tflite"),
     ([], "nothing to evaluate"),
 ])
-def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, needle):
-    proc = _cli(args, tmp_path)
+def test_cli_bad_input_is_one_line_exit_2(args, needle, capsys, monkeypatch):
+    """In-process (the subprocess run above covers the console entry point)."""
+    from ghnq_deploy.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["ghnq-deploy", "evaluate", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
+
+
+def test_cli_bad_bits_subprocess(tmp_path):
+    proc = _cli(["--split", "id-test", "-n", "2", "--bits", "w4a4,w1a1"], tmp_path)
     assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        "error: bit-width 'w1a1': widths must be 2..8 (or 32 for float)"]

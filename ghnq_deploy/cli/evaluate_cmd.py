@@ -89,12 +89,8 @@ def evaluate(
         meta_batch=meta_batch, calibration_images=calibration_images, data=data,
     )
     cfg.validate()
-    tune_malloc()
-    torch.set_flush_denormal(True)  # denormal floats cost ~100x per op on x86; flushing them moves no accuracy
-    if threads is not None:
-        if threads < 1:
-            raise EvalError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+    if threads is not None and threads < 1:
+        raise EvalError(f"--threads must be at least 1, got {threads}")
     splits = list(split or [])
     if table1:
         splits += [s for s in PAPER_SPLITS if s not in splits]
@@ -112,6 +108,11 @@ def evaluate(
         raise ArchError("two arch files share a name; names identify nets in the report")
 
     images = load_test_images(cfg)  # data problems surface before any GHN work
+    # process-wide speed settings, once every input is known to be good
+    tune_malloc()
+    torch.set_flush_denormal(True)  # denormal floats cost ~100x per op on x86; flushing them moves no accuracy
+    if threads is not None:
+        torch.set_num_threads(threads)
     ghn, info = load_ghn_checkpoint(checkpoint)
     columns = [TextColumn("[bold]evaluate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
