@@ -176,11 +176,22 @@ def compute_qparams(mn: torch.Tensor, mx: torch.Tensor, qmin: int, qmax: int,
     return scale, zp
 
 
+def flat_view(x: torch.Tensor) -> torch.Tensor:
+    """All elements as 1-D in memory order, without a copy for NCHW- or channels_last-contiguous
+    tensors (oneDNN convs keep channels_last inputs channels_last; a plain ``reshape`` of those
+    would copy the whole activation just to take its min / max)."""
+    if x.is_contiguous():
+        return x.view(-1)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(-1)
+    return x.reshape(-1)
+
+
 def tensor_range(x: torch.Tensor, axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(min, max) of the whole tensor, or of each slice along ``axis`` (per channel)."""
     x = x.detach()
     if axis is None:
-        return torch.aminmax(x)
+        return torch.aminmax(flat_view(x))
     flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)
     return torch.aminmax(flat, dim=1)
 
