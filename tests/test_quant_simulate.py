@@ -391,3 +391,11 @@ def test_evaluation_fast_path_is_bit_identical_with_running_bn(preset, bits):
     slow = simulated_forward(_meta_net(spec), leaf, x, scheme=preset, bits=bits, bn="running",
                              ranges=sim.ranges or None)
     assert torch.equal(fast, slow.detach())
+
+
+def test_functional_calibrated_scheme_without_ranges_is_a_user_error():
+    from ghnq_deploy.errors import UserError
+
+    model = build_model(tiny_spec(), seed=0)
+    with pytest.raises(UserError, match="range_source='absolute'"):
+        simulated_forward(model, _params(model), torch.zeros(2, 3, 32, 32), scheme="tflite-int8")

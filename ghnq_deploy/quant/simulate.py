@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghnq_deploy.arch.spec import INPUT_ID
+from ghnq_deploy.errors import UserError
 from ghnq_deploy.quant.scheme import (
     QuantScheme, fake_quant, fake_quant_bias, fake_quant_range, fake_quant_weight, get_scheme, tensor_range,
 )
@@ -46,8 +47,8 @@ from ghnq_deploy.quant.scheme import (
 BN_MODES = ("batch", "running")
 
 
-class SimulationError(ValueError):
-    """A simulation that cannot run as asked (e.g. calibrated ranges that were never calibrated)."""
+class SimulationError(UserError):
+    """A simulation that cannot run as asked (e.g. calibrated ranges that were never calibrated); one line."""
 
 
 @dataclass
@@ -363,6 +364,9 @@ def simulated_forward(net: nn.Module, params: dict[str, torch.Tensor], x: torch.
     if bn not in BN_MODES:
         raise SimulationError(f"unknown BatchNorm mode {bn!r}; choose from {', '.join(BN_MODES)}")
     sch = get_scheme(scheme, bits)
+    if sch.range_source == "calibrated" and sch.act_bits is not None and ranges is None:
+        raise SimulationError(f"scheme '{sch.name}' uses calibrated activation ranges: pass ranges= (from "
+                              "QuantSim.calibrate) or use a scheme with range_source='absolute'")
     plan = compile_plan(net, sch.fuse_activations)
     return run_plan(plan, params, x, _Context(sch, bn, ranges))
 
