@@ -65,7 +65,7 @@ class ImageSetFile:
         """The first ``count`` images (the files are shuffled, so a prefix stays class-mixed)."""
         if count is None or count >= len(self):
             return self
-        meta = dict(self.meta, description=f"{self.description} [first {count}]", count=count)
+        meta = dict(self.meta, description=f"{self.description}, first {count}", count=count)
         index = None if self.index is None else self.index[:count]
         return ImageSetFile(self.images[:count], self.labels[:count], meta, self.path, self.sha256, index)
 

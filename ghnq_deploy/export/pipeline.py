@@ -1,0 +1,277 @@
+"""export(): predicted model -> BN calibration -> folding -> converted file + manifest, atomically.
+
+One function the CLI calls for every target. Order matters and is fixed: BN running
+statistics from the calibration set, conv+BN folding checked against the unfolded net,
+conversion, then an accuracy and parity measurement with the runtime that matches the
+file. Everything is written in a hidden temporary folder inside the output folder and
+renamed into place only when complete, so an interrupted export leaves no partial file
+(and an earlier export in the same folder stays intact).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ghnq_deploy.arch.builder import ArchNet
+from ghnq_deploy.calibration import ImageSetFile, load_calibration, load_eval_set
+from ghnq_deploy.data import normalize
+from ghnq_deploy.errors import UserError
+from ghnq_deploy.export import manifest as mf
+from ghnq_deploy.export import onnx as onnx_export
+from ghnq_deploy.export import tflite as tflite_export
+from ghnq_deploy.quant.bn_calibrate import FoldReport, calibrate_bn, check_folding, fold_bn, summarize
+
+TARGETS = ("onnx", "onnx-int8", "tflite", "tflite-int8")
+FILE_NAMES = {
+    "onnx": onnx_export.FLOAT_FILE,
+    "onnx-int8": onnx_export.INT8_FILE,
+    "tflite": tflite_export.FLOAT_FILE,
+    "tflite-int8": tflite_export.INT8_FILE,
+}
+DESCRIPTIONS = {
+    "onnx": "float32 ONNX (opset 17, BN folded, dynamic batch)",
+    "onnx-int8": "int8 QDQ ONNX (static quantization: per-channel symmetric int8 weights, int8 activations; float I/O)",
+    "tflite": "float32 TFLite (BN folded, NHWC input)",
+    "tflite-int8": "full-integer int8 TFLite (int8 input and output, TFLITE_BUILTINS_INT8 only, per-channel weights)",
+}
+MIN_CALIBRATION_IMAGES = 32
+FOLD_CHECK_IMAGES = 64
+BN_BATCH_SIZE = 64
+
+
+class ExportError(UserError):
+    """An export that cannot be done as asked; one line."""
+
+
+@dataclass
+class ExportResult:
+    target: str
+    model_file: Path
+    manifest_file: Path
+    manifest: dict
+    fold_reports: list[FoldReport] = field(default_factory=list)
+
+
+@dataclass
+class PreparedModel:
+    """The float reference an export starts from: BN calibrated, then folded."""
+
+    calibrated: ArchNet
+    folded: ArchNet
+    reports: list[FoldReport]
+    fold_max_abs_diff: float | None
+    has_bn: bool
+    seconds_bn: float
+    seconds_fold: float
+
+
+def prepare_model(model: ArchNet, calibration: np.ndarray) -> PreparedModel:
+    """Calibrate BN on the uint8 calibration images, fold, and check the fold on a batch."""
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    start = time.perf_counter()
+    if has_bn:
+        calibrate_bn(model, calibration, batch_size=BN_BATCH_SIZE)
+    seconds_bn = time.perf_counter() - start
+    start = time.perf_counter()
+    folded, reports = fold_bn(model.eval())
+    diff = check_folding(model, folded, calibration[:FOLD_CHECK_IMAGES]) if has_bn else None
+    return PreparedModel(model, folded, reports, diff, has_bn, seconds_bn, time.perf_counter() - start)
+
+
+def _convert(target: str, folded: ArchNet, out: Path, calibration_nchw: np.ndarray, method: str) -> None:
+    """Write the target's file at ``out`` (inside the temporary folder)."""
+    spec = folded.spec
+    if target == "onnx":
+        onnx_export.export_float(folded, out, spec.input_shape)
+    elif target == "onnx-int8":
+        float_file = out.with_name(".float-for-quantization.onnx")
+        onnx_export.export_float(folded, float_file, spec.input_shape)
+        onnx_export.quantize_int8(float_file, out, calibration_nchw, method=method)
+        float_file.unlink()
+    elif target == "tflite":
+        out.write_bytes(tflite_export.convert_float(tflite_export.build_keras_model(folded)))
+    elif target == "tflite-int8":
+        keras_model = tflite_export.build_keras_model(folded)
+        out.write_bytes(tflite_export.convert_full_int8(keras_model, calibration_nchw))
+    else:  # pragma: no cover - export() checks the target first
+        raise ExportError(f"unknown target {target!r}")
+
+
+def runner_for(target: str, resolver: str = "xnnpack") -> tuple[Callable[[Path, np.ndarray], np.ndarray], str]:
+    """(run_normalized(file, x_nchw) -> logits, runtime description) for a target's file."""
+    if target.startswith("onnx"):
+        from ghnq_deploy.runtime import onnxruntime_runner as r
+
+        return r.run_normalized, r.describe()
+    from ghnq_deploy.runtime import litert_runner as r
+
+    return (lambda path, x: r.run_normalized(path, x, resolver=resolver)), r.describe(resolver)
+
+
+def io_quantization(target: str, path: Path) -> dict:
+    """Input/output dtype, shape, scale and zero point, read back from the produced file."""
+    if target.startswith("onnx"):
+        inp, out = onnx_export.io_quantization(path)
+    else:
+        inp, out = tflite_export.io_quantization(path)
+    return {"input": inp.to_dict(), "output": out.to_dict()}
+
+
+def weight_summary(target: str, path: Path) -> dict | None:
+    """For int8 files: how the weights and biases were actually quantized (read from the file)."""
+    if target == "tflite-int8":
+        ops = tflite_export.weighted_ops(path)
+        weights = [op["weight"] for op in ops]
+        biases = [op["bias"] for op in ops if op["bias"] is not None]
+        return {
+            "weighted_ops": len(ops),
+            "weight_dtypes": sorted({w["dtype"] for w in weights}),
+            "per_channel": sum(len(w["scales"]) > 1 for w in weights),
+            "all_zero_points_zero": all(not any(w["zero_points"]) for w in weights),
+            "weight_int_range": [min((w["min"] for w in weights), default=None),
+                                 max((w["max"] for w in weights), default=None)],
+            "bias_dtypes": sorted({b["dtype"] for b in biases}),
+            "ops": sorted(set(tflite_export.op_names(path))),
+        }
+    if target == "onnx-int8":
+        rows = onnx_export.weight_quantization(path)
+        weights = [r for r in rows if r["dtype"] == "int8"]
+        return {
+            "quantized_initializers": len(rows),
+            "int8_weights": len(weights),
+            "per_channel": sum(len(r["scales"] or []) > 1 for r in weights),
+            "all_zero_points_zero": all(not any(r["zero_points"] or []) for r in weights),
+            "weight_int_range": [min((r["min"] for r in weights), default=None),
+                                 max((r["max"] for r in weights), default=None)],
+            "bias_dtypes": sorted({r["dtype"] for r in rows if r["dtype"] != "int8"}),
+        }
+    return None
+
+
+def evaluate(target: str, path: Path, reference: nn.Module, eval_set: ImageSetFile, resolver: str = "xnnpack") -> dict:
+    """Accuracy of the file on the eval set, the torch float reference's, and their agreement."""
+    x = normalize(eval_set.images).numpy()
+    run, runtime = runner_for(target, resolver)
+    start = time.perf_counter()
+    logits = run(path, x)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        ref = torch.cat([reference(torch.as_tensor(x[i:i + 256])) for i in range(0, len(x), 256)]).numpy()
+    labels = eval_set.labels
+    diff = np.abs(logits - ref)
+    result = {
+        "dataset": eval_set.description,
+        "file": eval_set.path.name if eval_set.path else None,
+        "sha256": eval_set.sha256,
+        "count": len(labels),
+        "runtime": runtime,
+        "top1": float((logits.argmax(1) == labels).mean()),
+        "torch_float_top1": float((ref.argmax(1) == labels).mean()),
+        "top1_agreement_with_torch": float((logits.argmax(1) == ref.argmax(1)).mean()),
+        "max_abs_logit_diff_vs_torch": float(diff.max()),
+        "mean_abs_logit_diff_vs_torch": float(diff.mean()),
+        "max_abs_torch_logit": float(np.abs(ref).max()),
+        "seconds": seconds,
+    }
+    if "CIFAR-10 test" in eval_set.description:
+        result["note"] = ("CIFAR-10 test (JPEG copy): close to, but not, the official test set; "
+                          "see /work/shared/data/cifar10/README.md")
+    return result
+
+
+def _write_atomically(out_dir: Path, build: Callable[[Path], list[Path]]) -> list[Path]:
+    """Run ``build(tmp_dir)`` and move the files it made into ``out_dir``; nothing moves on error."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", suffix=".partial", dir=out_dir))
+    try:
+        made = build(tmp)
+        placed = []
+        for path in made:  # model file first, manifest last: a manifest always describes a complete file
+            path.chmod(0o644)
+            os.replace(path, out_dir / path.name)
+            placed.append(out_dir / path.name)
+        return placed
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export(model_path: str | os.PathLike, target: str, calibration: str | os.PathLike | None = None,
+           out_dir: str | os.PathLike | None = None, calibration_method: str = "minmax",
+           eval_set: str | os.PathLike | None = None, eval_count: int | None = None, evaluate_file: bool = True,
+           resolver: str = "xnnpack") -> ExportResult:
+    """Export a predicted model file to ``target``; writes ``<out_dir>/<file>`` and ``manifest.json``.
+
+    ``calibration``/``eval_set``: shipped set names or .npz files (default: the shipped sets).
+    ``out_dir`` defaults to ``<model folder>/export/<target>``.
+    """
+    from ghnq_deploy.ghn.predict import load_predicted
+
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    if calibration_method not in onnx_export.CALIBRATION_METHODS:
+        raise ExportError(f"unknown calibration method {calibration_method!r}; "
+                          f"choose from {', '.join(onnx_export.CALIBRATION_METHODS)}")
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        model_path = model_path / "model.pt"
+    total_start = time.perf_counter()
+    predicted = load_predicted(model_path)
+    spec = predicted.spec
+    cal = load_calibration(calibration, image_shape=spec.input_shape, min_count=MIN_CALIBRATION_IMAGES,
+                           num_classes=spec.num_classes)
+    evals = None
+    if evaluate_file:
+        evals = load_eval_set(eval_set, image_shape=spec.input_shape, num_classes=spec.num_classes).subset(eval_count)
+    prepared = prepare_model(predicted.build(), cal.images)
+    calibration_nchw = normalize(cal.images).numpy()
+    out_dir = Path(out_dir) if out_dir is not None else model_path.parent / "export" / target
+    file_name = FILE_NAMES[target]
+    result: dict = {}
+
+    def build(tmp: Path) -> list[Path]:
+        model_file = tmp / file_name
+        start = time.perf_counter()
+        _convert(target, prepared.folded, model_file, calibration_nchw, calibration_method)
+        seconds_convert = time.perf_counter() - start
+        evaluation = evaluate(target, model_file, prepared.folded, evals, resolver) if evals is not None else None
+        io = io_quantization(target, model_file)
+        timings = {"bn_calibration": prepared.seconds_bn, "fold": prepared.seconds_fold, "convert": seconds_convert,
+                   "evaluate": None if evaluation is None else evaluation["seconds"],
+                   "total": time.perf_counter() - total_start}
+        manifest = mf.build_manifest(
+            target=target, model_file=model_file, description=DESCRIPTIONS[target], spec_name=spec.name,
+            arch_sha256=spec.sha256(), predicted_file=model_path, predicted_meta=predicted.meta,
+            calibration={"description": cal.description, "file": cal.path.name if cal.path else None,
+                         "sha256": cal.sha256, "count": len(cal), "source": cal.meta.get("source"),
+                         "seed": cal.meta.get("seed"), "preprocessing": cal.meta.get("preprocessing"),
+                         "used_for": ["batchnorm"] + (["activation ranges"] if target.endswith("int8") else []),
+                         "method": calibration_method if target == "onnx-int8" else
+                         ("TFLiteConverter representative_dataset (min/max)" if target == "tflite-int8" else None)},
+            bn={"present": prepared.has_bn, "calibrated": prepared.has_bn,
+                "protocol": "running stats reset, train-mode BN with momentum=None (cumulative average), one pass, "
+                            f"batch {BN_BATCH_SIZE}" if prepared.has_bn else "BN-free net: nothing to calibrate"},
+            folding={**summarize(prepared.reports), "check_images": FOLD_CHECK_IMAGES if prepared.has_bn else 0,
+                     "max_abs_logit_diff_folded_vs_unfolded": prepared.fold_max_abs_diff,
+                     "layers": [r.to_dict() for r in prepared.reports]},
+            io=io, weights=weight_summary(target, model_file), evaluation=evaluation, timings=timings,
+            options={"calibration_method": calibration_method if target == "onnx-int8" else None,
+                     "litert_resolver": resolver if target.startswith("tflite") else None,
+                     "opset": onnx_export.OPSET if target.startswith("onnx") else None},
+        )
+        manifest_file = tmp / mf.MANIFEST_NAME
+        mf.write_manifest(manifest_file, manifest)
+        result["manifest"] = manifest
+        return [model_file, manifest_file]
+
+    placed = _write_atomically(out_dir, build)
+    return ExportResult(target, placed[0], placed[1], result["manifest"], prepared.reports)
