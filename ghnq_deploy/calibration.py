@@ -93,9 +93,9 @@ def validate_images(images: Any, what: str = "calibration images", image_shape: 
     expected = f"uint8 (N, {h}, {w}, {c}) NHWC RGB pixels 0..255"
     if images.dtype != np.uint8:
         if np.issubdtype(images.dtype, np.floating) and images.size:
-            lo, hi = float(np.nanmin(images)), float(np.nanmax(images))
-            if not (np.isfinite(lo) and np.isfinite(hi)):
+            if not np.isfinite(images).all():
                 raise CalibrationError(f"{what}: {images.dtype} values contain NaN or inf; expected {expected}")
+            lo, hi = float(images.min()), float(images.max())
             if lo < 0:
                 raise CalibrationError(
                     f"{what}: {images.dtype} values in [{lo:.2f}, {hi:.2f}] look already normalised; pass raw "

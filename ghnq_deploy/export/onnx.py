@@ -9,11 +9,13 @@ fails on ReduceMean) and prints progress lines (docs/export.md). ``onnx.checker`
 int8: ``quant_pre_process`` (shape inference + graph cleanup) then ``quantize_static`` in
 QDQ format, per-channel symmetric int8 weights and int8 activations, with activation
 ranges from the calibration set; the calibration method (MinMax, Entropy, Percentile) is
-a parameter.
+a parameter (Entropy with a 2048-bin histogram: see _entropy_cache).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
 import warnings
@@ -88,6 +90,40 @@ def _reader(calibration_nchw: np.ndarray, batch_size: int):
     return Reader()
 
 
+ENTROPY_BINS = 2048  # histogram bins; TensorRT's KL method uses 2048 bins and 128 quantized bins
+ENTROPY_QUANTIZED_BINS = 128
+
+
+def _op_types_to_quantize() -> list[str]:
+    """Every op ORT's QDQ quantizer knows except BatchNormalization.
+
+    A BN that could not be folded (after an add, on the input) would get its per-channel
+    scale quantized to int8 with one per-tensor scale; left float it stays exact (ORT runs
+    it between DequantizeLinear and QuantizeLinear).
+    """
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    return [op for op in QDQRegistry if op != "BatchNormalization"]
+
+
+def _entropy_cache(model: Path, cache: Path, calibration_nchw: np.ndarray, batch_size: int,
+                   op_types: list[str]) -> None:
+    """KL-divergence (entropy) ranges with a 2048-bin histogram, written as a calibration cache.
+
+    quantize_static builds its entropy calibrator with 128 histogram bins and 128 quantized
+    bins and passes no option to change them; with equal counts the KL search has a single
+    candidate, the full range, so 'entropy' silently equals MinMax (measured). So the
+    calibrator is created here with more bins and quantize_static reads its ranges back.
+    """
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+
+    calibrator = create_calibrator(model, op_types, augmented_model_path=str(cache.with_suffix(".augmented.onnx")),
+                                   calibrate_method=CalibrationMethod.Entropy, providers=["CPUExecutionProvider"],
+                                   extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS})
+    calibrator.collect_data(_reader(calibration_nchw, batch_size))
+    save_tensors_data(calibrator.compute_data(), cache)
+
+
 def quantize_int8(float_path: str | os.PathLike, out_path: str | os.PathLike, calibration_nchw: np.ndarray,
                   method: str = "minmax", batch_size: int = 100) -> None:
     """Static int8 QDQ quantization of a float ONNX file, activation ranges from the calibration set."""
@@ -99,16 +135,24 @@ def quantize_int8(float_path: str | os.PathLike, out_path: str | os.PathLike, ca
     if method not in methods:
         raise ONNXExportError(f"unknown calibration method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
     out_path = Path(out_path)
+    op_types = _op_types_to_quantize()
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=out_path.parent) as tmp:
         pre = Path(tmp) / "preprocessed.onnx"
+        cache = None
+        reader = _reader(calibration_nchw, batch_size)
         try:
             quant_pre_process(str(float_path), str(pre))
-            # calibration writes an augmented model; keep it in our temp dir, not the cwd
-            quantize_static(str(pre), str(out_path), _reader(calibration_nchw, batch_size),
-                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8, calibrate_method=methods[method],
-                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-                            calibration_providers=["CPUExecutionProvider"])
+            if method == "entropy":
+                cache = Path(tmp) / "entropy-ranges.json"
+                _entropy_cache(pre, cache, calibration_nchw, batch_size, op_types)
+                reader = None
+            with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
+                quantize_static(str(pre), str(out_path), reader, quant_format=QuantFormat.QDQ,
+                                op_types_to_quantize=op_types, per_channel=True, activation_type=QuantType.QInt8,
+                                weight_type=QuantType.QInt8, calibrate_method=methods[method],
+                                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                                calibration_providers=["CPUExecutionProvider"],
+                                calibration_cache_path=None if cache is None else str(cache))
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001

@@ -189,10 +189,40 @@ def evaluate(target: str, path: Path, reference: nn.Module, eval_set: ImageSetFi
     return result
 
 
+_PARTIAL_PREFIX = ".export-"
+_PARTIAL_SUFFIX = ".partial"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(out_dir: Path) -> list[Path]:
+    """Delete temporary folders left by exports that were killed (their process no longer exists)."""
+    removed = []
+    for path in out_dir.glob(f"{_PARTIAL_PREFIX}*{_PARTIAL_SUFFIX}"):
+        pid = path.name[len(_PARTIAL_PREFIX):].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def _write_atomically(out_dir: Path, build: Callable[[Path], list[Path]]) -> list[Path]:
-    """Run ``build(tmp_dir)`` and move the files it made into ``out_dir``; nothing moves on error."""
+    """Run ``build(tmp_dir)`` and move the files it made into ``out_dir``; nothing moves on error.
+
+    The temporary folder is hidden and named after this process, so a later export can
+    remove what a killed one (kill -9, power loss) left behind.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", suffix=".partial", dir=out_dir))
+    remove_stale_partials(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL_PREFIX}{os.getpid()}-", suffix=_PARTIAL_SUFFIX, dir=out_dir))
     try:
         made = build(tmp)
         placed = []

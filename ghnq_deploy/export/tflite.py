@@ -231,9 +231,11 @@ def nhwc_batches(images_nchw: np.ndarray) -> Callable[[], Iterator[list[np.ndarr
 
 
 def convert_full_int8(keras_model, calibration_nchw: np.ndarray) -> bytes:
-    """Full-integer int8: int8 input and output, TFLITE_BUILTINS_INT8 only (no float fallback).
+    """Full-integer int8: int8 input and output, TFLITE_BUILTINS_INT8 only, and no float op left.
 
     ``calibration_nchw`` are normalised calibration images; they set every activation range.
+    The result is checked with :func:`float_ops`: a leftover float op is an error, not a
+    silently mixed file.
     """
     tf = _tf()
     converter = _converter(keras_model)
@@ -244,9 +246,33 @@ def convert_full_int8(keras_model, calibration_nchw: np.ndarray) -> bytes:
     converter.inference_output_type = tf.int8
     try:
         with quiet_native_output():
-            return converter.convert()
+            content = converter.convert()
     except Exception as exc:  # noqa: BLE001
         raise TFLiteExportError(f"TFLite full-integer conversion failed: {_first_line(exc)}") from None
+    leftover = float_ops(content)
+    if leftover:
+        compute = [op for op in leftover if op not in ("QUANTIZE", "DEQUANTIZE")] or leftover
+        raise TFLiteExportError(f"full-integer conversion left float ops ({', '.join(compute)}); this net uses an "
+                                f"op without an int8 kernel, so no full-integer file was written")
+    return content
+
+
+def float_ops(model: bytes | str | os.PathLike) -> list[str]:
+    """Ops of a .tflite model that read or write float tensors (none in a full-integer file).
+
+    TFLITE_BUILTINS_INT8 alone does not guarantee that: measured with TF 2.21, an op with no
+    int8 kernel (e.g. SIN) is converted as DEQUANTIZE -> float op -> QUANTIZE without any
+    error, so every full-integer conversion is checked here.
+    """
+    from ghnq_deploy.runtime.litert_runner import make_interpreter
+
+    interpreter = make_interpreter(model, resolver="reference")
+    found = []
+    for op in interpreter._get_ops_details():
+        tensors = [int(i) for i in (*op["inputs"], *op["outputs"]) if int(i) >= 0]
+        if any(np.dtype(interpreter._get_tensor_details(i, 0)["dtype"]).kind == "f" for i in tensors):
+            found.append(op["op_name"])
+    return sorted(set(found))
 
 
 def _first_line(exc: BaseException) -> str:

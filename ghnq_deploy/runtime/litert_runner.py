@@ -21,18 +21,21 @@ from ghnq_deploy.runtime import batches, prepare, quiet_native_output, top1
 RESOLVERS = {"xnnpack": "AUTO", "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "reference": "BUILTIN_REF"}
 
 
-def make_interpreter(model_file: str | os.PathLike, resolver: str = "xnnpack", num_threads: int | None = None):
+def make_interpreter(model_file: str | os.PathLike | bytes, resolver: str = "xnnpack", num_threads: int | None = None):
+    """A LiteRT interpreter with tensors allocated; ``model_file`` may also be the flatbuffer bytes."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     if resolver not in RESOLVERS:
         raise UserError(f"unknown op resolver {resolver!r}; choose from {', '.join(RESOLVERS)}")
+    source = {"model_content": model_file} if isinstance(model_file, bytes) else {"model_path": str(model_file)}
+    name = "<tflite bytes>" if isinstance(model_file, bytes) else str(model_file)
     try:
         with quiet_native_output():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-            interpreter = Interpreter(model_path=str(model_file), num_threads=num_threads,
+            interpreter = Interpreter(**source, num_threads=num_threads,
                                       experimental_op_resolver_type=getattr(OpResolverType, RESOLVERS[resolver]))
             interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
-        raise UserError(f"{model_file}: LiteRT cannot load it ({str(exc).strip().splitlines()[0][:200]})") from None
+        raise UserError(f"{name}: LiteRT cannot load it ({str(exc).strip().splitlines()[0][:200]})") from None
     return interpreter
 
 
