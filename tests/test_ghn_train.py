@@ -96,3 +96,19 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         close += int((diff <= 1e-5 + 1e-4 * v.abs()).sum())
         total += v.numel()
     assert close >= 0.999 * total
+
+
+def test_robust_loss_caps_the_gradient_of_a_collapsed_net_but_keeps_its_value():
+    from ghnq_deploy.ghn.train import robust_loss
+
+    w = torch.tensor(2.0, requires_grad=True)
+    loss = robust_loss(w * 50.0, 4.0)  # 100 > cap: gradient scaled by 4 / 100
+    loss.backward()
+    assert loss.item() == pytest.approx(100.0)
+    assert w.grad.item() == pytest.approx(50.0 * 4.0 / 100.0)
+    w.grad = None
+    small = robust_loss(w * 1.0, 4.0)  # under the cap: untouched
+    small.backward()
+    assert w.grad.item() == pytest.approx(1.0)
+    assert robust_loss(w * float("inf"), 4.0).requires_grad is False
+    assert robust_loss(w * 50.0, None).item() == pytest.approx(100.0)

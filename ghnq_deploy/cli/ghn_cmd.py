@@ -100,6 +100,8 @@ def train(
     qat_bits: str = typer.Option("fp32,w8a8,w4a8,w4a4", help="Bit-widths drawn per net in --qat."),
     qat_scheme: str = typer.Option("paper", help="Quantization scheme preset for --qat."),
     bit_conditioning: bool = typer.Option(False, help="Condition the GHN on the target bit-width."),
+    loss_cap: Optional[float] = typer.Option(None, help="Scale down the gradient of any net whose loss exceeds this "
+                                             "(robust QAT: 4-bit nets that collapse do not dominate the step)."),
     train_images: Optional[int] = typer.Option(None, help="Use only the first N training images."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     max_minutes: Optional[float] = typer.Option(None, help="Wall-clock budget: shorten the run (and its lr decay) to fit."),
@@ -116,7 +118,7 @@ def train(
         out_dir=str(out_dir), data=data, epochs=epochs, steps=steps, batch_size=batch_size, meta_batch=meta_batch,
         lr=lr, weight_decay=weight_decay, lr_decay_at=lr_decay_at, seed=seed, checkpoint_every=checkpoint_every,
         train_images=train_images, init_from=init_from, qat_bits=bits, qat_scheme=qat_scheme,
-        bit_conditioning=bit_conditioning, device=device, max_minutes=max_minutes,
+        bit_conditioning=bit_conditioning, device=device, max_minutes=max_minutes, loss_cap=loss_cap,
     )
     import torch.distributed as dist
 

@@ -141,12 +141,12 @@ def quantize_int8(float_path: str | os.PathLike, out_path: str | os.PathLike, ca
         cache = None
         reader = _reader(calibration_nchw, batch_size)
         try:
-            quant_pre_process(str(float_path), str(pre))
-            if method == "entropy":
-                cache = Path(tmp) / "entropy-ranges.json"
-                _entropy_cache(pre, cache, calibration_nchw, batch_size, op_types)
-                reader = None
             with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
+                quant_pre_process(str(float_path), str(pre))
+                if method == "entropy":
+                    cache = Path(tmp) / "entropy-ranges.json"
+                    _entropy_cache(pre, cache, calibration_nchw, batch_size, op_types)
+                    reader = None
                 quantize_static(str(pre), str(out_path), reader, quant_format=QuantFormat.QDQ,
                                 op_types_to_quantize=op_types, per_channel=True, activation_type=QuantType.QInt8,
                                 weight_type=QuantType.QInt8, calibrate_method=methods[method],

@@ -214,6 +214,15 @@ def remove_stale_partials(out_dir: Path) -> list[Path]:
     return removed
 
 
+def _method_text(method: str) -> str:
+    if method == "entropy":
+        return (f"entropy (KL divergence, {onnx_export.ENTROPY_BINS}-bin histogram, "
+                f"{onnx_export.ENTROPY_QUANTIZED_BINS} quantized bins)")
+    if method == "percentile":
+        return "percentile (99.999%, 2048-bin histogram: onnxruntime defaults)"
+    return "minmax (absolute min/max over the calibration set)"
+
+
 def _write_atomically(out_dir: Path, build: Callable[[Path], list[Path]]) -> list[Path]:
     """Run ``build(tmp_dir)`` and move the files it made into ``out_dir``; nothing moves on error.
 
@@ -285,7 +294,7 @@ def export(model_path: str | os.PathLike, target: str, calibration: str | os.Pat
                          "sha256": cal.sha256, "count": len(cal), "source": cal.meta.get("source"),
                          "seed": cal.meta.get("seed"), "preprocessing": cal.meta.get("preprocessing"),
                          "used_for": ["batchnorm"] + (["activation ranges"] if target.endswith("int8") else []),
-                         "method": calibration_method if target == "onnx-int8" else
+                         "method": _method_text(calibration_method) if target == "onnx-int8" else
                          ("TFLiteConverter representative_dataset (min/max)" if target == "tflite-int8" else None)},
             bn={"present": prepared.has_bn, "calibrated": prepared.has_bn,
                 "protocol": "running stats reset, train-mode BN with momentum=None (cumulative average), one pass, "

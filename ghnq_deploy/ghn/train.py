@@ -46,6 +46,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     lr_decay_at: float = 0.75  # fraction of the run after which lr *= 0.1
     grad_clip: float = 5.0
+    loss_cap: float | None = None  # per-net loss above this has its gradient scaled down to the cap's (see robust_loss)
     seed: int = 0
     checkpoint_every: int = 200
     log_every: int = 10
@@ -110,6 +111,26 @@ def net_loss(ghn_params: dict[str, torch.Tensor], spec, x: torch.Tensor, y: torc
 
         logits = simulated_forward(net, ghn_params, x, scheme=scheme, bits=bits)
     return F.cross_entropy(logits, y), (logits.argmax(1) == y).sum()
+
+
+def robust_loss(loss: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``loss`` with its gradient scaled by ``cap / loss`` where it exceeds ``cap``.
+
+    Under 4-bit per-tensor quantization a few nets collapse (logits of 10^3..10^5, see
+    docs/quantization.md); their cross-entropy would dominate the meta-batch mean and,
+    through the gradient clip, shrink every other net's update. Scaling keeps each such
+    net's gradient direction at the weight of a net with loss ``cap``. The value is
+    unchanged above and below ``cap`` so logged losses stay comparable.
+    """
+    if cap is None:
+        return loss
+    value = loss.detach()
+    if not torch.isfinite(value):  # no usable gradient: the net counts as a capped loss, with no gradient
+        return loss.new_tensor(cap)
+    if value <= cap:
+        return loss
+    scale = cap / value
+    return loss * scale + (value - value * scale)
 
 
 class _Forward(nn.Module):
@@ -201,7 +222,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult]
         correct = 0
         for k, p in zip(mine, params):
             net_l, net_c = net_loss(p, specs[k], x, y, bits[k], cfg.qat_scheme)
-            loss = loss + net_l * world / cfg.meta_batch
+            loss = loss + robust_loss(net_l, cfg.loss_cap) * world / cfg.meta_batch
             correct = correct + net_c
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
