@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ghnq_deploy.ghn.predict import load_predicted
@@ -69,3 +70,83 @@ def test_predict_errors_are_one_line(tmp_path):
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "ws").exists()  # nothing half-written
+
+
+# ----------------------------------------------------------------------------- --threads, --qat-scheme
+
+
+def _app():
+    from ghnq_deploy.cli import _load_commands, app
+
+    _load_commands()
+    return app
+
+
+def test_predict_threads_option_sets_torch_threads(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import ghnq_deploy.ghn.predict as predict_lib
+
+    seen = []
+    real = predict_lib.predict
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict_lib, "predict", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        result = CliRunner().invoke(_app(), ["predict", str(EXAMPLES / "resnet20.json"), "--output",
+                                             str(tmp_path / "m.pt"), "--threads", "1", "--json"])
+        assert result.exit_code == 0, result.output
+        assert seen == [1] and (tmp_path / "m.pt").is_file()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_train_threads_and_qat_scheme_reach_the_trainer(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import ghnq_deploy.ghn.train as train_lib
+
+    seen = {}
+
+    def fake_train(cfg, resume=False, on_step=None):
+        seen.update(threads=torch.get_num_threads(), cfg=cfg)
+        return tmp_path / "run" / "ghn.pt"
+
+    monkeypatch.setattr(train_lib, "train", fake_train)
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        result = CliRunner().invoke(_app(), ["train", "--out-dir", str(tmp_path / "run"), "--qat", "--qat-scheme",
+                                             "tflite-int8", "--qat-bits", "w8a8,w4a8", "--threads", "1"])
+        assert result.exit_code == 0, result.output
+    finally:
+        torch.set_num_threads(before)
+    assert seen["threads"] == 1
+    assert seen["cfg"].qat_scheme == "tflite-int8" and seen["cfg"].qat_bits == ("w8a8", "w4a8")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--qat", "--qat-scheme", "tflite"], "--qat-scheme 'tflite' is not one of paper, tflite-int8"),
+    (["train", "--threads", "0"], "--threads must be at least 1"),
+    (["predict", str(EXAMPLES / "resnet20.json"), "--threads", "0"], "--threads must be at least 1"),
+])
+def test_bad_qat_scheme_and_threads_are_one_line_exit_2(args, needle, tmp_path, capsys, monkeypatch):
+    """In-process through the console entry point's error handling (one red line, exit 2)."""
+    from ghnq_deploy.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["ghnq-deploy", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing written: no run folder, no workspace

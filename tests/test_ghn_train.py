@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 
@@ -112,3 +113,22 @@ def test_robust_loss_caps_the_gradient_of_a_collapsed_net_but_keeps_its_value():
     assert w.grad.item() == pytest.approx(1.0)
     assert robust_loss(w * float("inf"), 4.0).requires_grad is False
     assert robust_loss(w * 50.0, None).item() == pytest.approx(100.0)
+
+
+def test_qat_with_the_tflite_scheme_trains_and_records_the_scheme(tmp_path):
+    """--qat --qat-scheme tflite-int8: no calibration needed (batch ranges), the name is recorded."""
+    cfg = _cfg(tmp_path, steps=2, checkpoint_every=2, qat_bits=("w8a8", "w4a8"), qat_scheme="tflite-int8")
+    final = train(cfg)
+    _, info = load_ghn_checkpoint(final)
+    assert info["meta"]["train_config"]["qat_scheme"] == "tflite-int8"
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["qat_scheme"] == "tflite-int8"
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["raw_loss"]) for r in log)
+
+
+def test_unknown_qat_scheme_fails_before_any_work(tmp_path):
+    from ghnq_deploy.quant.scheme import QuantSchemeError
+
+    with pytest.raises(QuantSchemeError, match="unknown quantization scheme 'tflite'"):
+        train(_cfg(tmp_path, qat_bits=("w8a8",), qat_scheme="tflite"))
+    assert not (tmp_path / "run").exists()

@@ -13,10 +13,27 @@ from rich.table import Table
 
 from ghnq_deploy.arch.spec import ArchError, load_spec
 from ghnq_deploy.cli import app, console
+from ghnq_deploy.errors import UserError
 from ghnq_deploy.ghn.checkpoint import load_ghn_checkpoint
 from ghnq_deploy.ghn.model import BIT_OPTIONS
 from ghnq_deploy.io import atomic_write_text
+from ghnq_deploy.quant.scheme import PRESETS, QuantSchemeError
 from ghnq_deploy.workspace import run_dir, set_current
+
+_THREADS_HELP = "torch intra-op threads (use 1 on a machine shared with a job)."
+
+
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
+
+
+def _set_threads(threads: int | None) -> None:
+    """As ``evaluate --threads``: torch's intra-op threads, once every input is known to be good."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _spec_files(path: Path) -> list[Path]:
@@ -37,6 +54,7 @@ def predict(
     workspace: Optional[Path] = typer.Option(None, help="Workspace folder (default ./ghnq-runs or $GHNQ_WORKSPACE)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write one model file here instead of a run folder."),
     meta_batch: int = typer.Option(16, help="Nets per GHN forward pass when predicting a folder."),
+    threads: Optional[int] = typer.Option(None, help=_THREADS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
 ) -> None:
     """Predict all parameters of the net(s) in ARCH with GHN-Q, in one forward pass per meta-batch."""
@@ -44,10 +62,12 @@ def predict(
 
     if bits not in BIT_OPTIONS:
         raise ArchError(f"--bits {bits!r} is not one of {', '.join(BIT_OPTIONS)}")
+    _check_threads(threads)
     files = _spec_files(arch)
     if output is not None and len(files) > 1:
         raise ArchError("--output takes a single arch file; use --workspace for a folder")
     specs = [load_spec(f) for f in files]
+    _set_threads(threads)
     ghn, info = load_ghn_checkpoint(checkpoint)
     rows = []
     for start in range(0, len(specs), max(1, meta_batch)):
@@ -98,17 +118,23 @@ def train(
     init_from: Optional[str] = typer.Option(None, help="Start from a GHN checkpoint ('default', 'qat' or a file)."),
     qat: bool = typer.Option(False, "--qat", help="Quantization-aware: fake-quant nets in the loop."),
     qat_bits: str = typer.Option("fp32,w8a8,w4a8,w4a4", help="Bit-widths drawn per net in --qat."),
-    qat_scheme: str = typer.Option("paper", help="Quantization scheme preset for --qat."),
+    qat_scheme: str = typer.Option("paper", help="Quantization scheme preset for --qat: the deployment scheme "
+                                   f"({', '.join(PRESETS)}); calibrated ranges train as per-batch ranges "
+                                   "(tflite-int8 trains as tflite-int8-qat, see docs/quantization.md)."),
     bit_conditioning: bool = typer.Option(False, help="Condition the GHN on the target bit-width."),
     loss_cap: Optional[float] = typer.Option(None, help="Scale down the gradient of any net whose loss exceeds this "
                                              "(robust QAT: 4-bit nets that collapse do not dominate the step)."),
     train_images: Optional[int] = typer.Option(None, help="Use only the first N training images."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     max_minutes: Optional[float] = typer.Option(None, help="Wall-clock budget: shorten the run (and its lr decay) to fit."),
+    threads: Optional[int] = typer.Option(None, help=_THREADS_HELP),
 ) -> None:
     """Meta-train GHN-Q on CIFAR-10 (runs under torchrun with DistributedDataParallel too)."""
     from ghnq_deploy.ghn.train import TrainConfig, init_distributed, train as run_train
 
+    if qat_scheme not in PRESETS:
+        raise QuantSchemeError(f"--qat-scheme {qat_scheme!r} is not one of {', '.join(PRESETS)}")
+    _check_threads(threads)
     distributed = init_distributed(device)
     bits = tuple(b.strip() for b in qat_bits.split(",") if b.strip()) if qat else ()
     unknown = [b for b in bits if b not in BIT_OPTIONS]
@@ -122,6 +148,7 @@ def train(
     )
     import torch.distributed as dist
 
+    _set_threads(threads)
     rank = dist.get_rank() if distributed else 0
     columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.1%}"), TimeElapsedColumn(),

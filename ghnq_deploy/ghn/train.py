@@ -31,6 +31,7 @@ from ghnq_deploy.ghn.graph import build_graph
 from ghnq_deploy.ghn.model import BIT_OPTIONS, GHNQ, GHNConfig
 from ghnq_deploy.ghn.checkpoint import load_ghn_checkpoint
 from ghnq_deploy.io import atomic_torch_save, atomic_write_text
+from ghnq_deploy.quant.scheme import QuantScheme, qat_scheme
 
 
 @dataclass
@@ -100,8 +101,13 @@ class MetaBatchSource:
 
 
 def net_loss(ghn_params: dict[str, torch.Tensor], spec, x: torch.Tensor, y: torch.Tensor,
-             bits: str = "fp32", scheme: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy and correct count of one net running on predicted (non-leaf) parameters."""
+             bits: str = "fp32", scheme: str | QuantScheme = "paper") -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and correct count of one net running on predicted (non-leaf) parameters.
+
+    ``scheme`` names the deployment scheme; the net runs under its QAT form,
+    :func:`~ghnq_deploy.quant.scheme.qat_scheme` (``tflite-int8`` trains as
+    ``tflite-int8-qat``: activation ranges from this batch instead of a calibration).
+    """
     with torch.device("meta"):
         net = ArchNet(spec, bn_running_stats=False)
     if bits == "fp32":
@@ -109,7 +115,7 @@ def net_loss(ghn_params: dict[str, torch.Tensor], spec, x: torch.Tensor, y: torc
     else:
         from ghnq_deploy.quant.simulate import simulated_forward
 
-        logits = simulated_forward(net, ghn_params, x, scheme=scheme, bits=bits)
+        logits = simulated_forward(net, ghn_params, x, scheme=qat_scheme(scheme), bits=bits)
     return F.cross_entropy(logits, y), (logits.argmax(1) == y).sum()
 
 
@@ -169,6 +175,9 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult]
     ``stop_after`` ends this call after that many steps (the run stays resumable).
     """
     rank, world = _dist_info()
+    # the scheme QAT trains with (tflite-int8 -> tflite-int8-qat); an unknown name is one clear
+    # error here, before any data or GHN work
+    scheme = qat_scheme(cfg.qat_scheme) if cfg.qat_bits else cfg.qat_scheme
     out = Path(cfg.out_dir)
     images = load_cifar10("train", cfg.data)
     if cfg.train_images:
@@ -221,7 +230,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult]
         loss = x.new_zeros(())
         correct = 0
         for k, p in zip(mine, params):
-            net_l, net_c = net_loss(p, specs[k], x, y, bits[k], cfg.qat_scheme)
+            net_l, net_c = net_loss(p, specs[k], x, y, bits[k], scheme)
             loss = loss + robust_loss(net_l, cfg.loss_cap) * world / cfg.meta_batch
             correct = correct + net_c
         optimizer.zero_grad(set_to_none=True)

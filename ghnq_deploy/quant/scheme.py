@@ -3,7 +3,7 @@
 A :class:`QuantScheme` says *how* a network is quantized (bit-widths, symmetric or
 asymmetric, per-tensor or per-channel weights, where ranges come from, how ties round,
 whether concat outputs and int32 biases are quantized); the simulator in
-:mod:`ghnq_deploy.quant.simulate` says *where*. Two presets exist:
+:mod:`ghnq_deploy.quant.simulate` says *where*. Two base presets exist:
 
 * ``paper`` - the GHN-Q paper's simulation: tensorwise asymmetric weights and
   activations, ranges from the absolute min/max of each tensor in each batch, torch's
@@ -13,7 +13,15 @@ whether concat outputs and int32 biases are quantized); the simulator in
   at calibration, int32 bias at ``s_in * s_w``, quantized input, concat and pooling
   outputs on a shared grid, round half away from zero.
 
-Both are combined with a bit-width shorthand (``fp32``, ``w8a8``, ``w4a8``, ``w4a4``,
+Training cannot use calibrated ranges (no calibration pass, and ranges fixed at the start
+would go stale as the weights move), so QAT trains with :func:`qat_scheme` of the deployment
+scheme: the same grid with each activation's range taken from the current batch. It is
+registered as a third preset:
+
+* ``tflite-int8-qat`` - ``tflite-int8`` with ``range_source="absolute"`` (per-batch
+  absolute min / max); weights, bias, rounding and quantizer placement are tflite-int8's.
+
+All are combined with a bit-width shorthand (``fp32``, ``w8a8``, ``w4a8``, ``w4a4``,
 ``w2a2`` or any ``wNaM`` with N, M in 2..8; 32 means float): ``get_scheme("paper", "w4a8")``.
 
 The integer functions (:func:`quantize`, :func:`quantize_tensor`) return exact integers
@@ -116,6 +124,25 @@ PRESETS: dict[str, QuantScheme] = {
         quantize_after_concat=True, pool_shares_input_qparams=True, bias="int32",
     ),
 }
+QAT_SUFFIX = "-qat"
+
+
+def qat_scheme(preset: str | QuantScheme = "paper", bits: str | None = None) -> QuantScheme:
+    """The scheme QAT trains with when the net will be deployed with ``preset`` (and ``bits``).
+
+    A scheme whose activation ranges are calibrated gets them from the current batch instead
+    (``range_source="absolute"``: the absolute min / max of each activation in each batch),
+    and ``-qat`` appended to its name; nothing else changes, so ``tflite-int8`` trains on its
+    own per-channel symmetric narrow-range weights, asymmetric activations, int32 bias at
+    ``s_in * s_w``, half-away rounding and quantizer placement. A scheme that already uses
+    batch ranges (``paper``, any ``*-qat``) is returned unchanged. Bit-width shorthands
+    combine as with :func:`get_scheme`: ``qat_scheme("tflite-int8", "w4a8")``.
+    """
+    scheme = get_scheme(preset, bits)
+    if scheme.range_source == "absolute":
+        return scheme
+    name = scheme.name if scheme.name.endswith(QAT_SUFFIX) else scheme.name + QAT_SUFFIX
+    return replace(scheme, name=name, range_source="absolute")
 
 
 def parse_bits(bits: str) -> tuple[int | None, int | None]:
@@ -146,6 +173,9 @@ def get_scheme(preset: str | QuantScheme = "paper", bits: str | None = None) -> 
             raise QuantSchemeError(f"unknown quantization scheme {preset!r}; presets: {', '.join(PRESETS)}")
         scheme = PRESETS[preset]
     return scheme.with_bits(bits) if bits is not None else scheme
+
+
+PRESETS["tflite-int8-qat"] = qat_scheme("tflite-int8")
 
 
 # ----------------------------------------------------------------------------- integer grid
