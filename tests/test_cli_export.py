@@ -120,6 +120,8 @@ def test_export_tflite_int8_json_reads_quantization_back_from_the_file(workspace
     (["--target", "onnx", "--calibration", "tiny.npz"], "at least 32"),
     (["--target", "onnx", "--eval-count", "0"], "--eval-count"),
     (["--target", "tflite", "--resolver", "gpu"], "--resolver"),
+    (["--target", "tflite-int8", "--calibration-method", "entropy"], "applies to onnx-int8 only"),
+    (["--target", "onnx", "--eval-count", "50", "--parity-tolerance", "0"], "disagrees with torch"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2(workspace, args, message, monkeypatch, capsys):
     """In-process through ghnq_deploy.cli.main (the same code path as the console script, minus start-up)."""
@@ -195,3 +197,16 @@ def test_killed_export_leaves_only_a_hidden_folder_that_the_next_export_removes(
     assert len(partial) == 1 and partial[0].name.startswith(f".export-{proc.pid}-")
     result = export(run / "model.pt", "onnx", calibration=root / "cal100.npz", out_dir=out, evaluate_file=False)
     assert _export_dir_files(out) == ["manifest.json", "model.float32.onnx"] and result.manifest["evaluation"] is None
+
+
+def test_a_float_file_that_breaks_parity_is_not_written(workspace):
+    from ghnq_deploy.export.pipeline import ExportError
+
+    root, run, _, _ = workspace
+    out = root / "parity"
+    with pytest.raises(ExportError, match="disagrees with torch"):  # any nonzero difference exceeds 0
+        export(run / "model.pt", "onnx", calibration=root / "cal100.npz", out_dir=out, eval_count=50,
+               parity_tolerance=0.0)
+    assert _export_dir_files(out) == []
+    ok = export(run / "model.pt", "onnx", calibration=root / "cal100.npz", out_dir=out, eval_count=50)
+    assert ok.manifest["evaluation"]["max_abs_logit_diff_vs_torch"] <= 1e-4

@@ -93,11 +93,12 @@ def export_command(
     target: str = typer.Option(..., "--target", "-t", help=_TARGET_HELP),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Predicted model file or run folder (default: the current run)."),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration .npz (uint8 NHWC x, y); default: the shipped 1,000 CIFAR-10 train images."),
-    calibration_method: str = typer.Option("minmax", "--calibration-method", help="onnx-int8 activation ranges: minmax, entropy or percentile."),
+    calibration_method: Optional[str] = typer.Option(None, "--calibration-method", help="onnx-int8 activation ranges: minmax (default), entropy or percentile."),
     eval_set: Optional[str] = typer.Option(None, "--eval-set", help="Evaluation .npz; default: the shipped 2,000 CIFAR-10 test (JPEG copy) images."),
     eval_count: Optional[int] = typer.Option(None, "--eval-count", help="Evaluate on the first N images of the evaluation set only."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the accuracy measurement after export."),
     resolver: str = typer.Option("xnnpack", "--resolver", help="LiteRT kernels for the TFLite evaluation: xnnpack, builtin or reference."),
+    parity_tolerance: float = typer.Option(1e-4, "--parity-tolerance", help="onnx / tflite: refuse the file if its logits differ from torch's by more than this (max abs)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", "-o", help="Output folder (default: <run>/export/<target>)."),
     workspace: Optional[Path] = typer.Option(None, "--workspace", help="Workspace folder (default ./ghnq-runs or $GHNQ_WORKSPACE)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON instead of tables."),
@@ -117,14 +118,14 @@ def export_command(
     if as_json:
         result = export(model_path, target, calibration=calibration, out_dir=out_dir,
                         calibration_method=calibration_method, eval_set=eval_set, eval_count=eval_count,
-                        evaluate_file=not no_eval, resolver=resolver)
+                        evaluate_file=not no_eval, resolver=resolver, parity_tolerance=parity_tolerance)
         typer.echo(json.dumps({"model_file": str(result.model_file), "manifest_file": str(result.manifest_file),
                                "manifest": result.manifest}, indent=1))
         return
     with console.status(f"exporting {model_path} to {target} (calibrate BN, fold, convert, evaluate)"):
         result = export(model_path, target, calibration=calibration, out_dir=out_dir,
                         calibration_method=calibration_method, eval_set=eval_set, eval_count=eval_count,
-                        evaluate_file=not no_eval, resolver=resolver)
+                        evaluate_file=not no_eval, resolver=resolver, parity_tolerance=parity_tolerance)
     _print_export(result, model_path)
 
 

@@ -183,10 +183,24 @@ def evaluate(target: str, path: Path, reference: nn.Module, eval_set: ImageSetFi
         "max_abs_torch_logit": float(np.abs(ref).max()),
         "seconds": seconds,
     }
-    if "CIFAR-10 test" in eval_set.description:
-        result["note"] = ("CIFAR-10 test (JPEG copy): close to, but not, the official test set; "
-                          "see /work/shared/data/cifar10/README.md")
+    if "JPEG copy" in eval_set.description:
+        result["note"] = ("a JPEG-derived copy of the CIFAR-10 test set (its first 1,000 images lossless): "
+                          "accuracy is close to, but not, the official test set's")
     return result
+
+
+FLOAT_TARGETS = ("onnx", "tflite")
+PARITY_TOLERANCE = 1e-4  # max |logit| difference a float file may have against torch (issue 5)
+
+
+def check_parity(target: str, evaluation: dict | None, tolerance: float | None) -> None:
+    """Refuse a float file whose runtime logits leave ``tolerance`` of torch's (nothing is written)."""
+    if target not in FLOAT_TARGETS or evaluation is None or tolerance is None:
+        return
+    diff = evaluation["max_abs_logit_diff_vs_torch"]
+    if not diff <= tolerance:  # also catches NaN
+        raise ExportError(f"{target} file disagrees with torch: max |logit difference| {diff:.3g} > {tolerance:g} "
+                          f"on {evaluation['count']} images (nothing written; --parity-tolerance relaxes the check)")
 
 
 _PARTIAL_PREFIX = ".export-"
@@ -237,6 +251,8 @@ def _write_atomically(out_dir: Path, build: Callable[[Path], list[Path]]) -> lis
         placed = []
         for path in made:  # model file first, manifest last: a manifest always describes a complete file
             path.chmod(0o644)
+            with open(path, "rb") as handle:  # on disk before it becomes visible under its final name
+                os.fsync(handle.fileno())
             os.replace(path, out_dir / path.name)
             placed.append(out_dir / path.name)
         return placed
@@ -245,18 +261,24 @@ def _write_atomically(out_dir: Path, build: Callable[[Path], list[Path]]) -> lis
 
 
 def export(model_path: str | os.PathLike, target: str, calibration: str | os.PathLike | None = None,
-           out_dir: str | os.PathLike | None = None, calibration_method: str = "minmax",
+           out_dir: str | os.PathLike | None = None, calibration_method: str | None = None,
            eval_set: str | os.PathLike | None = None, eval_count: int | None = None, evaluate_file: bool = True,
-           resolver: str = "xnnpack") -> ExportResult:
+           resolver: str = "xnnpack", parity_tolerance: float | None = PARITY_TOLERANCE) -> ExportResult:
     """Export a predicted model file to ``target``; writes ``<out_dir>/<file>`` and ``manifest.json``.
 
     ``calibration``/``eval_set``: shipped set names or .npz files (default: the shipped sets).
-    ``out_dir`` defaults to ``<model folder>/export/<target>``.
+    ``out_dir`` defaults to ``<model folder>/export/<target>``. ``calibration_method`` is
+    onnx-int8's (default minmax) and refused for other targets rather than ignored. A float
+    file whose logits differ from torch's by more than ``parity_tolerance`` is not written.
     """
     from ghnq_deploy.ghn.predict import load_predicted
 
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    if calibration_method is not None and target != "onnx-int8":
+        raise ExportError(f"--calibration-method applies to onnx-int8 only (tflite-int8 calibrates with the "
+                          f"converter's min/max); got it for {target}")
+    calibration_method = calibration_method or "minmax"
     if calibration_method not in onnx_export.CALIBRATION_METHODS:
         raise ExportError(f"unknown calibration method {calibration_method!r}; "
                           f"choose from {', '.join(onnx_export.CALIBRATION_METHODS)}")
@@ -283,6 +305,7 @@ def export(model_path: str | os.PathLike, target: str, calibration: str | os.Pat
         _convert(target, prepared.folded, model_file, calibration_nchw, calibration_method)
         seconds_convert = time.perf_counter() - start
         evaluation = evaluate(target, model_file, prepared.folded, evals, resolver) if evals is not None else None
+        check_parity(target, evaluation, parity_tolerance)
         io = io_quantization(target, model_file)
         timings = {"bn_calibration": prepared.seconds_bn, "fold": prepared.seconds_fold, "convert": seconds_convert,
                    "evaluate": None if evaluation is None else evaluation["seconds"],

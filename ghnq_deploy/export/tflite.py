@@ -139,6 +139,11 @@ def _conv_layers(keras, node_id: str, conv: nn.Conv2d, x):
 
 def build_keras_model(model: ArchNet):
     """The Keras 3 functional model (NHWC input, logits output) equal to ``model`` (BN folded or kept)."""
+    with quiet_native_output():  # the first layer call sets TF's devices up, which logs (absl, cuInit)
+        return _build_keras_model(model)
+
+
+def _build_keras_model(model: ArchNet):
     tf = _tf()
     keras = tf.keras
     spec, info = model.spec, model.info
