@@ -156,27 +156,39 @@ def _with_virtual_edges(n: int, real_edges: list[tuple[int, int]], s_max: int) -
 
 
 @dataclass
-class LevelPlan:
-    """Index tensors for updating one level of nodes in one sweep direction."""
+class SweepSchedule:
+    """One sweep direction with the nodes renumbered level by level (docs/ghn.md, "Speed").
 
-    nodes: torch.Tensor  # (L,) global node indices
-    real_src: torch.Tensor  # neighbours sending over real edges
-    real_pos: torch.Tensor  # position within ``nodes`` receiving each message
-    virt_src: torch.Tensor
-    virt_pos: torch.Tensor
-    virt_weight: torch.Tensor  # (Ev, 1) = 1/s
+    Position ``p`` of the sweep holds node ``order[p]``; ``levels[k] = (a, b, rows, bags,
+    weight)`` updates positions ``a:b`` in one step. The sweep keeps a message table with two
+    rows per position (``2p``: the real-edge message of that node, ``2p + 1``: its virtual-edge
+    message); the messages a level receives are one bag per node of the level: table ``rows``
+    starting at ``bags`` (embedding_bag offsets), summed with ``weight`` (1 for real edges,
+    1/s for virtual ones). Within a bag, real edges come first, then virtual edges, each in
+    edge order. ``rows``, ``bags`` and ``weight`` are None for a level without incoming edges.
+    """
+
+    order: torch.Tensor  # (N,) node at each position
+    inverse: torch.Tensor  # (N,) position of each node
+    levels: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
+
+    def to(self, device: torch.device | str) -> SweepSchedule:
+        def move(t):
+            return None if t is None else t.to(device)
+        return SweepSchedule(self.order.to(device), self.inverse.to(device),
+                             [(a, b, move(r), move(o), move(w)) for a, b, r, o, w in self.levels])
 
 
 @dataclass
 class GraphBatch:
-    """Several graphs as one disjoint graph, with per-level plans for both sweeps."""
+    """Several graphs as one disjoint graph, with a schedule for each sweep direction."""
 
     graphs: list[ArchGraph]
     primitives: torch.Tensor
     shapes: torch.Tensor
     offsets: list[int]
-    forward_plan: list[LevelPlan]
-    backward_plan: list[LevelPlan]
+    forward: SweepSchedule
+    backward: SweepSchedule
     graph_index: torch.Tensor  # (N,) which graph each node belongs to
 
     @classmethod
@@ -189,9 +201,10 @@ class GraphBatch:
         shapes = np.concatenate([g.shapes for g in graphs])
         levels = np.concatenate([g.levels for g in graphs])
         edges = np.concatenate([g.edges + np.array([off, off, 0]) for g, off in zip(graphs, offsets)])
-        graph_index = np.concatenate([np.full(g.num_nodes, k) for k, g in enumerate(graphs)])
-        forward = _plans(levels, edges, reverse=False)
-        backward = _plans(levels, edges, reverse=True)
+        graph_index = np.repeat(np.arange(len(graphs)), [g.num_nodes for g in graphs])
+        forward = _schedule(levels, edges, reverse=False)
+        # backward sweep: messages flow dst->src, levels counted from the sinks
+        backward = _schedule(_reverse_levels(levels, edges), edges, reverse=True)
         return cls(graphs, torch.from_numpy(prims), torch.from_numpy(shapes), offsets, forward, backward,
                    torch.from_numpy(graph_index))
 
@@ -201,51 +214,56 @@ class GraphBatch:
 
     def to(self, device: torch.device | str) -> GraphBatch:
         """Move the index tensors the GNN uses (shapes stay on the CPU for the encoder)."""
-        def move(plan: LevelPlan) -> LevelPlan:
-            return LevelPlan(*(getattr(plan, f).to(device) for f in LevelPlan.__dataclass_fields__))
         return GraphBatch(self.graphs, self.primitives.to(device), self.shapes, self.offsets,
-                          [move(p) for p in self.forward_plan], [move(p) for p in self.backward_plan],
-                          self.graph_index.to(device))
+                          self.forward.to(device), self.backward.to(device), self.graph_index.to(device))
 
 
-def _plans(levels: np.ndarray, edges: np.ndarray, reverse: bool) -> list[LevelPlan]:
-    """Forward sweep: messages flow src->dst, levels ascending; backward: dst->src, descending.
+def _schedule(levels: np.ndarray, edges: np.ndarray, reverse: bool) -> SweepSchedule:
+    """The sweep over ``levels`` (ascending); messages flow src->dst, or dst->src if ``reverse``.
 
-    Backward sweep levels are counted from the output side so that a node is updated only
-    after all its successors.
+    Every node's incoming edges come from lower levels, so when a level is updated all
+    the messages it receives are final: the result equals a node-by-node sequential sweep.
     """
+    n = len(levels)
     src, dst, dist = edges[:, 0], edges[:, 1], edges[:, 2]
     if reverse:
         src, dst = dst, src
-        # level from the sink side: longest path to any sink, via real edges reversed
-        order_levels = _reverse_levels(levels, edges)
-    else:
-        order_levels = levels
-    plans = []
-    position = np.zeros(len(levels), dtype=np.int64)
-    for lvl in range(int(order_levels.max()) + 1):
-        nodes = np.nonzero(order_levels == lvl)[0]
-        if len(nodes) == 0:
-            continue
-        position[nodes] = np.arange(len(nodes))
-        incoming = np.isin(dst, nodes)
-        real = incoming & (dist == 1)
-        virt = incoming & (dist > 1)
-        plans.append(LevelPlan(
-            nodes=torch.from_numpy(nodes),
-            real_src=torch.from_numpy(src[real]),
-            real_pos=torch.from_numpy(position[dst[real]]),
-            virt_src=torch.from_numpy(src[virt]),
-            virt_pos=torch.from_numpy(position[dst[virt]]),
-            virt_weight=torch.from_numpy(1.0 / dist[virt].astype(np.float32)).unsqueeze(1),
-        ))
-    return plans
+    order = np.argsort(levels, kind="stable")
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    virtual = dist > 1
+    # edges sorted by receiving position; within it real edges first, each kind in edge order
+    key = np.lexsort((np.arange(len(edges)), virtual, position[dst]))
+    receiver = position[dst[key]]
+    rows = 2 * position[src[key]] + virtual[key]
+    weight = np.where(virtual[key], 1.0 / dist[key].astype(np.float32), np.float32(1.0)).astype(np.float32)
+    bags = np.searchsorted(receiver, np.arange(n))  # first edge of each position's bag
+
+    node_counts = np.bincount(levels, minlength=int(levels.max()) + 1 if n else 0)
+    edge_counts = np.bincount(levels[dst], minlength=len(node_counts)) if len(edges) else np.zeros_like(node_counts)
+    node_end, edge_end = np.cumsum(node_counts), np.cumsum(edge_counts)
+    rows_t, weight_t = torch.from_numpy(rows), torch.from_numpy(weight)
+    plan = []
+    for lvl in np.nonzero(node_counts)[0]:
+        a, b = int(node_end[lvl] - node_counts[lvl]), int(node_end[lvl])
+        e0, e1 = int(edge_end[lvl] - edge_counts[lvl]), int(edge_end[lvl])
+        if e1 > e0:
+            plan.append((a, b, rows_t[e0:e1], torch.from_numpy(bags[a:b] - e0), weight_t[e0:e1]))
+        else:
+            plan.append((a, b, None, None, None))
+    return SweepSchedule(torch.from_numpy(order), torch.from_numpy(position), plan)
 
 
 def _reverse_levels(levels: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Longest path to any sink along real edges, so a node comes after all its successors."""
     real = edges[edges[:, 2] == 1]
     height = np.zeros(len(levels), dtype=np.int64)
-    # process real edges by destination level descending, so each height is final when read
-    for src, dst in real[np.argsort(-levels[real[:, 1]], kind="stable")][:, :2]:
-        height[src] = max(height[src], height[dst] + 1)
+    if not len(real):
+        return height
+    # edges by destination level, highest first: each height is final before it is read
+    dst_level = levels[real[:, 1]]
+    real = real[np.argsort(-dst_level, kind="stable")]
+    _, starts = np.unique(-dst_level[np.argsort(-dst_level, kind="stable")], return_index=True)
+    for part in np.split(real, starts[1:]):
+        np.maximum.at(height, part[:, 0], height[part[:, 1]] + 1)
     return height

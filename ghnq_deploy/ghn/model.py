@@ -8,16 +8,19 @@ cropped / tiled channel-wise to each parameter's exact shape, then normalised pe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import itertools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ghnq_deploy.ghn.graph import PRIMITIVES, ArchGraph, GraphBatch, LevelPlan
+from ghnq_deploy.ghn.graph import PRIMITIVES, ArchGraph, GraphBatch, SweepSchedule
 
 BIT_OPTIONS = ("fp32", "w8a8", "w4a8", "w4a4", "w2a2")  # index 0 = float
 CHECKPOINT_FORMAT = "ghnq-deploy/ghn-q"
@@ -85,7 +88,12 @@ class ShapeEncoder(nn.Module):
 
 
 class GatedGNN(nn.Module):
-    """One forward and one backward sweep; a level of nodes is updated in one batched step."""
+    """One forward and one backward sweep; a level of nodes is updated in one batched step.
+
+    A node's outgoing messages depend only on its own state, so they are computed once, right
+    after the node's level is updated (both MLPs in one pair of matmuls), and kept in a table
+    that later levels read with one weighted embedding_bag (docs/ghn.md, "Speed").
+    """
 
     def __init__(self, hid: int):
         super().__init__()
@@ -93,19 +101,41 @@ class GatedGNN(nn.Module):
         self.virtual_message = nn.Sequential(nn.Linear(hid, hid // 2), nn.ReLU(), nn.Linear(hid // 2, hid), nn.ReLU())
         self.gru = nn.GRUCell(hid, hid)
 
-    def _sweep(self, h: torch.Tensor, plans: list[LevelPlan]) -> torch.Tensor:
-        for plan in plans:
-            m = h.new_zeros(len(plan.nodes), h.shape[1])
-            if len(plan.real_src):
-                m = m.index_add(0, plan.real_pos, self.message(h[plan.real_src]))
-            if len(plan.virt_src):
-                m = m.index_add(0, plan.virt_pos, self.virtual_message(h[plan.virt_src]) * plan.virt_weight)
-            h = h.index_copy(0, plan.nodes, self.gru(m, h[plan.nodes]))
-        return h
+    def _message_weights(self) -> tuple[torch.Tensor, ...]:
+        """Both message MLPs as one: first layers stacked, second layers block-diagonal.
+
+        Its output row is [real-edge message | virtual-edge message] of a node.
+        """
+        r1, r2 = self.message[0], self.message[2]
+        v1, v2 = self.virtual_message[0], self.virtual_message[2]
+        return (torch.cat([r1.weight, v1.weight]), torch.cat([r1.bias, v1.bias]),
+                torch.block_diag(r2.weight, v2.weight), torch.cat([r2.bias, v2.bias]))
+
+    def _sweep(self, h: torch.Tensor, schedule: SweepSchedule, mlp: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``h`` and the result are in the schedule's position order."""
+        w1, b1, w2, b2 = mlp
+        gru = self.gru
+        hid = h.shape[1]
+        table = h.new_zeros(2 * len(h), hid)  # rows 2p, 2p + 1: real / virtual message of position p
+        out = []
+        last = len(schedule.levels) - 1
+        for k, (a, b, rows, bags, weight) in enumerate(schedule.levels):
+            if rows is None:
+                m = h.new_zeros(b - a, hid)
+            else:
+                m = torch.embedding_bag(table, rows, bags, False, 0, False, weight, False)[0]
+            new = torch.gru_cell(m, h[a:b], gru.weight_ih, gru.weight_hh, gru.bias_ih, gru.bias_hh)
+            out.append(new)
+            if k < last:
+                table[2 * a:2 * b] = F.relu(F.linear(F.relu(F.linear(new, w1, b1)), w2, b2)).view(-1, hid)
+        return torch.cat(out)
 
     def forward(self, h: torch.Tensor, batch: GraphBatch) -> torch.Tensor:
-        h = self._sweep(h, batch.forward_plan)
-        return self._sweep(h, batch.backward_plan)
+        mlp = self._message_weights()
+        fwd, bwd = batch.forward, batch.backward
+        h = self._sweep(h[fwd.order], fwd, mlp)  # forward-sweep positions
+        h = self._sweep(h[fwd.inverse[bwd.order]], bwd, mlp)  # backward-sweep positions
+        return h[bwd.inverse]
 
 
 class GHNQ(nn.Module):
@@ -139,55 +169,87 @@ class GHNQ(nn.Module):
         return self.norm(self.gnn(h, batch))
 
     # ------------------------------------------------------------------ decoders
-    def _decode_blocks(self, h: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
-        """(n, hid) -> (n, O, I, kh, kw), the top-left kh x kw positions of the spatial map."""
-        cfg = self.config
-        k = cfg.max_kernel
-        z = torch.relu(self.dec_spatial(h)).view(len(h), cfg.decoder_hid, k, k)
-        if kh > k or kw > k:  # tile the map for kernels larger than the decoder's
-            z = z.repeat(1, 1, math.ceil(kh / k), math.ceil(kw / k))
-        z = z[:, :, :kh, :kw].permute(0, 2, 3, 1)  # (n, kh, kw, dh)
-        y = self.dec_channels(z).view(len(h), kh, kw, cfg.max_out, cfg.max_in)
-        return y.permute(0, 3, 4, 1, 2)
-
     def predict_params(self, graphs: list[ArchGraph], bits: list[int] | None = None) -> list[dict[str, torch.Tensor]]:
-        """Every parameter of every graph's net, as state_dict-style dicts (differentiable)."""
+        """Every parameter of every graph's net, as state_dict-style dicts (differentiable).
+
+        Every returned tensor has its own storage, so saving one net never saves another's.
+        """
         device = self.op_embedding.weight.device
         batch = GraphBatch.from_graphs(graphs)
         if device.type != "cpu":
             batch = batch.to(device)
         h = self.embed(batch, bits)
-        cfg = self.config
+        plan = _DecodePlan.build(graphs, batch.offsets, self.config)
+
+        def index(array: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(array)
+            return t if device.type == "cpu" else t.to(device)
+
+        tensors: dict[str, list[torch.Tensor]] = {}
+        if plan.groups:
+            tensors["weight"] = self._decode_weights(h, plan, index)
+        if len(plan.vector_nodes):
+            rows = self.dec_1d(h[index(plan.vector_nodes)])  # (n, 2 * max_out): a weight row, a bias row
+            flat = rows.reshape(-1)
+            if plan.bn_numel:  # BatchNorm gamma = 2 sigmoid(p / 2), channels tiled
+                bn = 2 * torch.sigmoid(flat[index(plan.bn_gather)] / 2)
+                tensors["bn_weight"] = torch.split_with_sizes_copy(bn, plan.bn_numel)
+            if plan.bias_numel:  # every bias = tanh(p / 5)
+                bias = torch.tanh(flat[index(plan.bias_gather)] / 5)
+                tensors["bias"] = torch.split_with_sizes_copy(bias, plan.bias_numel)
+            if len(plan.classifier_bias_rows):
+                head = rows[index(plan.classifier_bias_rows), self.config.max_out:]
+                cls = torch.tanh(self.dec_classifier_bias(torch.relu(head)) / 5)
+                tensors["classifier_bias"] = torch.split_with_sizes_copy(cls.reshape(-1), [cls.shape[1]] * len(cls))
         out: list[dict[str, torch.Tensor]] = [{} for _ in graphs]
-        # group >=2-D weights by kernel size so each group is one decoder call
-        groups: dict[tuple[int, int], list[tuple[int, object]]] = {}
-        vectors: list[tuple[int, object]] = []
-        for g, (graph, offset) in enumerate(zip(graphs, batch.offsets)):
-            for t in graph.targets:
-                if t.kind in ("weight", "classifier_weight"):
-                    kh, kw = (t.shape[2], t.shape[3]) if len(t.shape) == 4 else (1, 1)
-                    groups.setdefault((kh, kw), []).append((g, t))
+        for g, name, source, i, shape in plan.slots:
+            out[g][name] = tensors[source][i].view(shape)
+        return out
+
+    def _decode_weights(self, h: torch.Tensor, plan: _DecodePlan, index) -> list[torch.Tensor]:
+        """Every >=2-D weight of the plan, flat, in the plan's decoding order.
+
+        The conv decoder gives a (max_out, max_in, kh, kw) block per weight. It is computed one
+        crop class at a time, only the (rows, cols) corner the class uses, normalised, and
+        tiled channel-wise by one gather where a weight is wider than the block.
+        """
+        cfg = self.config
+        k, mo, mi = cfg.max_kernel, cfg.max_out, cfg.max_in
+        z_all = torch.relu(self.dec_spatial(h[index(plan.weight_nodes)])).view(-1, cfg.decoder_hid, k, k)
+        first, last = self.dec_channels[0], self.dec_channels[2]
+        last_w, last_b = last.weight.view(mo, mi, -1), last.bias.view(mo, mi)
+        acc = torch.float32 if h.device.type == "mps" else torch.float64  # for sums of squares
+        out: list[torch.Tensor] = []
+        for kh, kw, g0, g1, classes in plan.groups:
+            z = z_all[g0:g1]
+            if kh > k or kw > k:  # tile the map for kernels larger than the decoder's
+                z = z.repeat(1, 1, math.ceil(kh / k), math.ceil(kw / k))
+            z = torch.relu(first(z[:, :, :kh, :kw].permute(0, 2, 3, 1)))  # (n, kh, kw, decoder_hid2)
+            for c in classes:
+                o, i = c.rows, c.cols
+                zc = z[c.start - g0:c.end - g0]
+                if o == mo and i == mi:
+                    y = F.linear(zc, last.weight, last.bias)
                 else:
-                    vectors.append((g, t))
-        for (kh, kw), items in groups.items():
-            idx = torch.tensor([batch.offsets[g] + t.node for g, t in items], device=device)
-            blocks = self._decode_blocks(h[idx], kh, kw)
-            for block, (g, t) in zip(blocks, items):
-                if t.kind == "classifier_weight":
-                    # (O, I) -> classes along the output dimension, as GHN-2's classifier head
-                    block = self.dec_classifier(torch.relu(block[:, :, 0, 0]).t()).t()  # (classes, I)
-                    block = block[:, :, None, None]
-                out[g][t.name] = _normalize_weight(_tile(block, t.shape), t)
-        if vectors:
-            idx = torch.tensor([batch.offsets[g] + t.node for g, t in vectors], device=device)
-            rows = self.dec_1d(h[idx]).view(len(vectors), 2, cfg.max_out)
-            for row, (g, t) in zip(rows, vectors):
-                if t.kind == "bn_weight":
-                    out[g][t.name] = 2 * torch.sigmoid(_tile_vector(row[0], t.shape[0]) / 2)
-                elif t.kind == "classifier_bias":
-                    out[g][t.name] = torch.tanh(self.dec_classifier_bias(torch.relu(row[1])) / 5)
+                    y = F.linear(zc, last_w[:o, :i].reshape(o * i, -1), last_b[:o, :i].reshape(-1))
+                if c.classifier:
+                    # the (O, I) block -> classes along the output dimension, as GHN-2's classifier head
+                    y = self.dec_classifier(torch.relu(y.view(-1, o, i)).transpose(1, 2)).transpose(1, 2)
                 else:
-                    out[g][t.name] = torch.tanh(_tile_vector(row[1], t.shape[0]) / 5)
+                    y = y.view(len(zc), kh * kw, o * i).transpose(1, 2)
+                y = y.contiguous().view(len(zc), -1)  # a row per weight: its block in (O, I, kh, kw) order
+                # He-scale: w / rms(w) * sqrt(beta / fan_in), rms over the tiled weight; tiling only
+                # repeats block elements, c.repeats times each. Sums of squares in float64: the
+                # gradient through rms is sensitive to their rounding.
+                if c.repeats is None:
+                    square = torch.linalg.vector_norm(y, dim=1, keepdim=True, dtype=acc).square()
+                else:
+                    square = (y.square() * index(c.repeats)).sum(1, keepdim=True, dtype=acc)
+                rms = (square / index(c.numel)).add(1e-8).sqrt().to(y.dtype)
+                y = (y / rms * index(c.scale)).view(-1)
+                if c.tile is not None:
+                    y = y[index(c.tile)]
+                out += torch.split_with_sizes_copy(y, c.sizes)
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -196,32 +258,138 @@ class GHNQ(nn.Module):
                 "state_dict": self.state_dict(), "meta": meta}
 
 
-def _tile(block: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Crop / repeat the (O, I, kh, kw) block channel-wise to the target shape (GHN-2 tiling)."""
-    o, i = shape[0], shape[1]
-    if o != block.shape[0]:
-        block = block[torch.arange(o, device=block.device) % block.shape[0]]
-    if i != block.shape[1]:
-        block = block[:, torch.arange(i, device=block.device) % block.shape[1]]
-    return block.reshape(shape)
+@functools.lru_cache(maxsize=4096)
+def _block_index(shape: tuple[int, ...], rows: int, cols: int) -> np.ndarray:
+    """Flat index, into a (rows, cols, kh, kw) block, of each element of a weight of ``shape``.
 
-
-def _tile_vector(row: torch.Tensor, n: int) -> torch.Tensor:
-    return row if n == len(row) else row[torch.arange(n, device=row.device) % len(row)]
-
-
-def _normalize_weight(w: torch.Tensor, target) -> torch.Tensor:
-    """He-scale the weight: w / rms(w) * sqrt(beta / fan_in) (differentiable).
-
-    beta = 1 (linear gain) for depthwise kernels, 2 (ReLU gain) otherwise, as GHN-2.
-    Dividing by the tensor's RMS (not in GHN-2, which relies on its init) pins the
-    scale so predicted nets start at He-init variance whatever the decoder outputs.
+    Channels are tiled (GHN-2): output channel c reads block row c mod rows, input channels
+    likewise; a 2-D weight is a (O, I, 1, 1) one.
     """
-    fan_in = math.prod(w.shape[1:])
-    depthwise = w.dim() == 4 and w.shape[1] == 1
-    beta = 1.0 if depthwise else 2.0
-    rms = w.pow(2).mean().add(1e-8).sqrt()
-    return w / rms * math.sqrt(beta / fan_in)
+    spatial = shape[2] * shape[3] if len(shape) == 4 else 1
+    index = ((np.arange(shape[0]) % rows)[:, None, None] * (cols * spatial)
+             + (np.arange(shape[1]) % cols)[None, :, None] * spatial + np.arange(spatial)[None, None, :]).reshape(-1)
+    index.flags.writeable = False
+    return index
+
+
+@dataclass
+class _CropClass:
+    """Weights ``start:end`` (decoding order) that use the same (rows, cols) corner of the block.
+
+    A class's normalised decoder output has a row per weight: its (rows, cols, kh, kw) block, a
+    classifier's (classes, cols) block after the classifier head. ``tile`` (None when no weight
+    is wider than its block) gathers the weights from it; ``repeats`` then counts how often each
+    block element occurs in its weight. ``numel`` and ``scale`` (sqrt(beta / fan_in)) are (n, 1).
+    """
+
+    start: int
+    end: int
+    rows: int  # decoder rows used (max_out for a classifier, whose block then has `classes` rows)
+    cols: int
+    classifier: bool
+    sizes: list[int]
+    numel: np.ndarray
+    scale: np.ndarray
+    tile: np.ndarray | None = None
+    repeats: np.ndarray | None = None
+
+    @classmethod
+    def build(cls, start: int, shapes: list[tuple[int, ...]], rows: int, cols: int, classifier: bool,
+              classes: int) -> _CropClass:
+        block_rows = classes if classifier else rows
+        spatial = shapes[0][2] * shapes[0][3] if len(shapes[0]) == 4 else 1
+        sizes = [math.prod(shape) for shape in shapes]
+        # beta = 1 (linear gain) for depthwise kernels, 2 (ReLU gain) otherwise, as GHN-2
+        betas = [1.0 if len(shape) == 4 and shape[1] == 1 else 2.0 for shape in shapes]
+        scale = [math.sqrt(beta / (size // shape[0])) for beta, size, shape in zip(betas, sizes, shapes)]
+        crop = cls(start, start + len(shapes), rows, cols, classifier, sizes,
+                   np.array(sizes, dtype=np.float32)[:, None], np.array(scale, dtype=np.float32)[:, None])
+        if any(shape[0] != block_rows or shape[1] != cols for shape in shapes):
+            block = block_rows * cols * spatial
+            crop.tile = np.concatenate([r * block + _block_index(tuple(shape), block_rows, cols)
+                                        for r, shape in enumerate(shapes)])
+            crop.repeats = np.stack([np.repeat(np.outer(np.bincount(np.arange(shape[0]) % block_rows, minlength=block_rows),
+                                                        np.bincount(np.arange(shape[1]) % cols, minlength=cols)).reshape(-1),
+                                               spatial) for shape in shapes]).astype(np.float32)
+        return crop
+
+
+@dataclass
+class _DecodePlan:
+    """Index arithmetic (numpy) that lets one meta-batch's targets decode in a few batched ops.
+
+    Weights are decoded sorted by (kh, kw, classifier, rows, cols): ``groups`` holds, per kernel
+    size, the range of weights (rows of ``weight_nodes``) and its crop classes. Vector targets
+    read rows of the 1-D decoder, whose inputs are ``vector_nodes``. ``slots`` says where each
+    (graph, name) finds its tensor, in the graphs' target order.
+    """
+
+    weight_nodes: np.ndarray
+    groups: list[tuple[int, int, int, int, list[_CropClass]]]
+    vector_nodes: np.ndarray
+    bn_gather: np.ndarray
+    bn_numel: list[int]
+    bias_gather: np.ndarray
+    bias_numel: list[int]
+    classifier_bias_rows: np.ndarray
+    slots: list[tuple[int, str, str, int, tuple[int, ...]]]
+
+    @classmethod
+    def build(cls, graphs: list[ArchGraph], offsets: list[int], cfg: GHNConfig) -> _DecodePlan:
+        mo, mi, width = cfg.max_out, cfg.max_in, 2 * cfg.max_out
+        weights, slots = [], []
+        vector_row: dict[int, int] = {}
+        bn_gather, bn_numel, bias_gather, bias_numel, cls_rows = [], [], [], [], []
+        for g, (graph, offset) in enumerate(zip(graphs, offsets)):
+            for t in graph.targets:
+                node = offset + t.node
+                if t.kind in ("weight", "classifier_weight"):
+                    classifier = t.kind == "classifier_weight"
+                    if classifier and len(t.shape) != 2:
+                        raise ValueError(f"{t.name}: a classifier weight must be 2-D, got {t.shape}")
+                    kh, kw = (t.shape[2], t.shape[3]) if len(t.shape) == 4 else (1, 1)
+                    key = (kh, kw, classifier, mo if classifier else min(t.shape[0], mo), min(t.shape[1], mi))
+                    slots.append((g, t.name, "weight", len(weights), t.shape))
+                    weights.append((key, len(weights), node, tuple(t.shape)))
+                    continue
+                row = vector_row.setdefault(node, len(vector_row))
+                if t.kind == "classifier_bias":
+                    slots.append((g, t.name, "classifier_bias", len(cls_rows), (-1,)))
+                    cls_rows.append(row)
+                    continue
+                gamma = t.kind == "bn_weight"
+                gather, numel = (bn_gather, bn_numel) if gamma else (bias_gather, bias_numel)
+                slots.append((g, t.name, "bn_weight" if gamma else "bias", len(numel), (t.shape[0],)))
+                gather.append(row * width + (0 if gamma else mo) + np.arange(t.shape[0]) % mo)
+                numel.append(t.shape[0])
+
+        weights.sort()  # by (kh, kw, classifier, rows, cols), then target order
+        rank = np.empty(len(weights), dtype=np.int64)
+        rank[[w[1] for w in weights]] = np.arange(len(weights))
+        slots = [(g, name, src, int(rank[j]) if src == "weight" else j, shape) for g, name, src, j, shape in slots]
+        groups: list = []
+        start = 0
+        for (kh, kw, classifier, rows, cols), members in itertools.groupby(weights, lambda w: w[0]):
+            shapes = [w[3] for w in members]
+            crop = _CropClass.build(start, shapes, rows, cols, classifier, cfg.num_classes)
+            if groups and groups[-1][:2] == (kh, kw):
+                groups[-1][3] = crop.end
+                groups[-1][4].append(crop)
+            else:
+                groups.append([kh, kw, start, crop.end, [crop]])
+            start = crop.end
+        empty = np.zeros(0, dtype=np.int64)
+        return cls(
+            weight_nodes=np.array([w[2] for w in weights], dtype=np.int64),
+            groups=[tuple(group) for group in groups],
+            vector_nodes=np.array(list(vector_row), dtype=np.int64),
+            bn_gather=np.concatenate(bn_gather) if bn_gather else empty,
+            bn_numel=bn_numel,
+            bias_gather=np.concatenate(bias_gather) if bias_gather else empty,
+            bias_numel=bias_numel,
+            classifier_bias_rows=np.array(cls_rows, dtype=np.int64),
+            slots=slots,
+        )
 
 
 def checkpoint_sha256(ckpt: dict) -> str:
