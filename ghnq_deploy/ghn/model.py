@@ -104,12 +104,13 @@ class GatedGNN(nn.Module):
     def _message_weights(self) -> tuple[torch.Tensor, ...]:
         """Both message MLPs as one: first layers stacked, second layers block-diagonal.
 
-        Its output row is [real-edge message | virtual-edge message] of a node.
+        Its output row is [real-edge message | virtual-edge message] of a node; the weight
+        matrices come transposed, for addmm.
         """
         r1, r2 = self.message[0], self.message[2]
         v1, v2 = self.virtual_message[0], self.virtual_message[2]
-        return (torch.cat([r1.weight, v1.weight]), torch.cat([r1.bias, v1.bias]),
-                torch.block_diag(r2.weight, v2.weight), torch.cat([r2.bias, v2.bias]))
+        return (torch.cat([r1.weight, v1.weight]).t(), torch.cat([r1.bias, v1.bias]),
+                torch.block_diag(r2.weight, v2.weight).t(), torch.cat([r2.bias, v2.bias]))
 
     def _sweep(self, h: torch.Tensor, schedule: SweepSchedule, mlp: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """``h`` and the result are in the schedule's position order."""
@@ -119,15 +120,17 @@ class GatedGNN(nn.Module):
         table = h.new_zeros(2 * len(h), hid)  # rows 2p, 2p + 1: real / virtual message of position p
         out = []
         last = len(schedule.levels) - 1
-        for k, (a, b, rows, bags, weight) in enumerate(schedule.levels):
+        parts = h.split([b - a for a, b, *_ in schedule.levels])
+        for k, ((a, b, rows, bags, weight), old) in enumerate(zip(schedule.levels, parts)):
             if rows is None:
                 m = h.new_zeros(b - a, hid)
             else:
                 m = torch.embedding_bag(table, rows, bags, False, 0, False, weight, False)[0]
-            new = torch.gru_cell(m, h[a:b], gru.weight_ih, gru.weight_hh, gru.bias_ih, gru.bias_hh)
+            new = torch.gru_cell(m, old, gru.weight_ih, gru.weight_hh, gru.bias_ih, gru.bias_hh)
             out.append(new)
             if k < last:
-                table[2 * a:2 * b] = F.relu(F.linear(F.relu(F.linear(new, w1, b1)), w2, b2)).view(-1, hid)
+                message = torch.addmm(b2, torch.addmm(b1, new, w1).relu_(), w2).relu_()
+                table.narrow(0, 2 * a, 2 * (b - a)).copy_(message.view(-1, hid))
         return torch.cat(out)
 
     def forward(self, h: torch.Tensor, batch: GraphBatch) -> torch.Tensor:
@@ -178,40 +181,45 @@ class GHNQ(nn.Module):
         batch = GraphBatch.from_graphs(graphs)
         if device.type != "cpu":
             batch = batch.to(device)
-        h = self.embed(batch, bits)
         plan = _DecodePlan.build(graphs, batch.offsets, self.config)
 
         def index(array: np.ndarray) -> torch.Tensor:
             t = torch.from_numpy(array)
             return t if device.type == "cpu" else t.to(device)
 
+        # Without autograd, run in inference mode (less overhead per op); the per-tensor copies
+        # at the end are made outside it, so callers get ordinary tensors.
+        chunks: list[tuple[str, torch.Tensor, list[int]]] = []  # (kind, values, sizes of its tensors)
+        with torch.inference_mode(not torch.is_grad_enabled()):
+            h = self.embed(batch, bits)
+            if plan.groups:
+                chunks += [("weight", values, sizes) for values, sizes in self._decode_weights(h, plan, index)]
+            if len(plan.vector_nodes):
+                rows = self.dec_1d(h[index(plan.vector_nodes)])  # (n, 2 * max_out): a weight row, a bias row
+                flat = rows.reshape(-1)
+                if plan.bn_numel:  # BatchNorm gamma = 2 sigmoid(p / 2), channels tiled
+                    chunks.append(("bn_weight", 2 * torch.sigmoid(flat[index(plan.bn_gather)] / 2), plan.bn_numel))
+                if plan.bias_numel:  # every bias = tanh(p / 5)
+                    chunks.append(("bias", torch.tanh(flat[index(plan.bias_gather)] / 5), plan.bias_numel))
+                if len(plan.classifier_bias_rows):
+                    head = rows[index(plan.classifier_bias_rows), self.config.max_out:]
+                    cls = torch.tanh(self.dec_classifier_bias(torch.relu(head)) / 5)
+                    chunks.append(("classifier_bias", cls.reshape(-1), [cls.shape[1]] * len(cls)))
         tensors: dict[str, list[torch.Tensor]] = {}
-        if plan.groups:
-            tensors["weight"] = self._decode_weights(h, plan, index)
-        if len(plan.vector_nodes):
-            rows = self.dec_1d(h[index(plan.vector_nodes)])  # (n, 2 * max_out): a weight row, a bias row
-            flat = rows.reshape(-1)
-            if plan.bn_numel:  # BatchNorm gamma = 2 sigmoid(p / 2), channels tiled
-                bn = 2 * torch.sigmoid(flat[index(plan.bn_gather)] / 2)
-                tensors["bn_weight"] = torch.split_with_sizes_copy(bn, plan.bn_numel)
-            if plan.bias_numel:  # every bias = tanh(p / 5)
-                bias = torch.tanh(flat[index(plan.bias_gather)] / 5)
-                tensors["bias"] = torch.split_with_sizes_copy(bias, plan.bias_numel)
-            if len(plan.classifier_bias_rows):
-                head = rows[index(plan.classifier_bias_rows), self.config.max_out:]
-                cls = torch.tanh(self.dec_classifier_bias(torch.relu(head)) / 5)
-                tensors["classifier_bias"] = torch.split_with_sizes_copy(cls.reshape(-1), [cls.shape[1]] * len(cls))
+        for kind, values, sizes in chunks:
+            tensors.setdefault(kind, []).extend(torch.split_with_sizes_copy(values, sizes))
         out: list[dict[str, torch.Tensor]] = [{} for _ in graphs]
-        for g, name, source, i, shape in plan.slots:
-            out[g][name] = tensors[source][i].view(shape)
+        for g, name, kind, i, shape in plan.slots:
+            out[g][name] = tensors[kind][i].view(shape)
         return out
 
-    def _decode_weights(self, h: torch.Tensor, plan: _DecodePlan, index) -> list[torch.Tensor]:
-        """Every >=2-D weight of the plan, flat, in the plan's decoding order.
+    def _decode_weights(self, h: torch.Tensor, plan: _DecodePlan, index) -> list[tuple[torch.Tensor, list[int]]]:
+        """Every >=2-D weight of the plan, in the plan's decoding order: (values, sizes) by crop class.
 
         The conv decoder gives a (max_out, max_in, kh, kw) block per weight. It is computed one
-        crop class at a time, only the (rows, cols) corner the class uses, normalised, and
-        tiled channel-wise by one gather where a weight is wider than the block.
+        crop class at a time, only the block rows the class uses, cropped to its (rows, cols)
+        corner, normalised, and tiled channel-wise by one gather where a weight is wider than
+        the block.
         """
         cfg = self.config
         k, mo, mi = cfg.max_kernel, cfg.max_out, cfg.max_in
@@ -219,25 +227,25 @@ class GHNQ(nn.Module):
         first, last = self.dec_channels[0], self.dec_channels[2]
         last_w, last_b = last.weight.view(mo, mi, -1), last.bias.view(mo, mi)
         acc = torch.float32 if h.device.type == "mps" else torch.float64  # for sums of squares
-        out: list[torch.Tensor] = []
+        out = []
         for kh, kw, g0, g1, classes in plan.groups:
             z = z_all[g0:g1]
             if kh > k or kw > k:  # tile the map for kernels larger than the decoder's
                 z = z.repeat(1, 1, math.ceil(kh / k), math.ceil(kw / k))
             z = torch.relu(first(z[:, :, :kh, :kw].permute(0, 2, 3, 1)))  # (n, kh, kw, decoder_hid2)
             for c in classes:
-                o, i = c.rows, c.cols
+                o, i, n = c.rows, c.cols, c.end - c.start
                 zc = z[c.start - g0:c.end - g0]
-                if o == mo and i == mi:
-                    y = F.linear(zc, last.weight, last.bias)
-                else:
-                    y = F.linear(zc, last_w[:o, :i].reshape(o * i, -1), last_b[:o, :i].reshape(-1))
+                if c.copy_corner:  # the (o, i) corner of the last layer's weights, copied
+                    y = F.linear(zc, last_w[:o, :i].reshape(o * i, -1), last_b[:o, :i].reshape(-1)).view(n, kh * kw, o, i)
+                else:  # block rows 0..o, a prefix of the last layer's rows (no copy), then the columns
+                    y = F.linear(zc, last.weight[:o * mi], last.bias[:o * mi]).view(n, kh * kw, o, mi)[..., :i]
                 if c.classifier:
                     # the (O, I) block -> classes along the output dimension, as GHN-2's classifier head
-                    y = self.dec_classifier(torch.relu(y.view(-1, o, i)).transpose(1, 2)).transpose(1, 2)
+                    y = self.dec_classifier(torch.relu(y[:, 0]).transpose(1, 2)).transpose(1, 2)
                 else:
-                    y = y.view(len(zc), kh * kw, o * i).transpose(1, 2)
-                y = y.contiguous().view(len(zc), -1)  # a row per weight: its block in (O, I, kh, kw) order
+                    y = y.permute(0, 2, 3, 1)
+                y = y.contiguous().view(n, -1)  # a row per weight: its block in (O, I, kh, kw) order
                 # He-scale: w / rms(w) * sqrt(beta / fan_in), rms over the tiled weight; tiling only
                 # repeats block elements, c.repeats times each. Sums of squares in float64: the
                 # gradient through rms is sensitive to their rounding.
@@ -249,7 +257,7 @@ class GHNQ(nn.Module):
                 y = (y / rms * index(c.scale)).view(-1)
                 if c.tile is not None:
                     y = y[index(c.tile)]
-                out += torch.split_with_sizes_copy(y, c.sizes)
+                out.append((y, c.sizes))
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -287,6 +295,7 @@ class _CropClass:
     rows: int  # decoder rows used (max_out for a classifier, whose block then has `classes` rows)
     cols: int
     classifier: bool
+    copy_corner: bool  # decode from a copy of the weights' (rows, cols) corner, else all columns
     sizes: list[int]
     numel: np.ndarray
     scale: np.ndarray
@@ -295,14 +304,18 @@ class _CropClass:
 
     @classmethod
     def build(cls, start: int, shapes: list[tuple[int, ...]], rows: int, cols: int, classifier: bool,
-              classes: int) -> _CropClass:
+              classes: int, max_in: int) -> _CropClass:
         block_rows = classes if classifier else rows
         spatial = shapes[0][2] * shapes[0][3] if len(shapes[0]) == 4 else 1
         sizes = [math.prod(shape) for shape in shapes]
         # beta = 1 (linear gain) for depthwise kernels, 2 (ReLU gain) otherwise, as GHN-2
         betas = [1.0 if len(shape) == 4 and shape[1] == 1 else 2.0 for shape in shapes]
         scale = [math.sqrt(beta / (size // shape[0])) for beta, size, shape in zip(betas, sizes, shapes)]
-        crop = cls(start, start + len(shapes), rows, cols, classifier, sizes,
+        # Copying the weights' corner costs rows * cols * hid2 floats; decoding all max_in columns
+        # instead costs n * kh * kw * rows * (max_in - cols) * hid2 more multiply-adds. Measured on
+        # CPU, a copied float (a fresh buffer) costs about as much as 64 multiply-adds.
+        copy_corner = len(shapes) * spatial * (max_in - cols) > 64 * cols
+        crop = cls(start, start + len(shapes), rows, cols, classifier, copy_corner, sizes,
                    np.array(sizes, dtype=np.float32)[:, None], np.array(scale, dtype=np.float32)[:, None])
         if any(shape[0] != block_rows or shape[1] != cols for shape in shapes):
             block = block_rows * cols * spatial
@@ -371,7 +384,7 @@ class _DecodePlan:
         start = 0
         for (kh, kw, classifier, rows, cols), members in itertools.groupby(weights, lambda w: w[0]):
             shapes = [w[3] for w in members]
-            crop = _CropClass.build(start, shapes, rows, cols, classifier, cfg.num_classes)
+            crop = _CropClass.build(start, shapes, rows, cols, classifier, cfg.num_classes, mi)
             if groups and groups[-1][:2] == (kh, kw):
                 groups[-1][3] = crop.end
                 groups[-1][4].append(crop)
