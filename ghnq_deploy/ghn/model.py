@@ -385,7 +385,7 @@ class _DecodePlan:
         for (kh, kw, classifier, rows, cols), members in itertools.groupby(weights, lambda w: w[0]):
             shapes = [w[3] for w in members]
             crop = _CropClass.build(start, shapes, rows, cols, classifier, cfg.num_classes, mi)
-            if groups and groups[-1][:2] == (kh, kw):
+            if groups and groups[-1][:2] == [kh, kw]:
                 groups[-1][3] = crop.end
                 groups[-1][4].append(crop)
             else:
