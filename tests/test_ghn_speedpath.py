@@ -156,12 +156,14 @@ def test_meta_batch_equals_one_by_one(ghn, graphs):
 
 
 def test_autograd_and_inference_give_the_same_values(ghn, graphs):
+    """Without autograd the decoder crops before its last matmul, with it after (one matmul per
+    kernel size): the values agree to float rounding."""
     with torch.no_grad():
-        inference = ghn.predict_params(graphs[:2])
-    autograd = ghn.predict_params(graphs[:2])
+        inference = ghn.predict_params(graphs)
+    autograd = ghn.predict_params(graphs)
     for a, b in zip(inference, autograd):
-        assert all(torch.equal(a[k], b[k].detach()) for k in a)
         assert all(v.requires_grad for v in b.values())
+        _assert_params_close(a, {k: v.detach() for k, v in b.items()})
     # ordinary tensors, one storage each: saving one net's tensors saves nothing else
     values = list(inference[0].values())
     assert not any(v.is_inference() for v in values)

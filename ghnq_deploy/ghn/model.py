@@ -217,9 +217,9 @@ class GHNQ(nn.Module):
         """Every >=2-D weight of the plan, in the plan's decoding order: (values, sizes) by crop class.
 
         The conv decoder gives a (max_out, max_in, kh, kw) block per weight. It is computed one
-        crop class at a time, only the block rows the class uses, cropped to its (rows, cols)
-        corner, normalised, and tiled channel-wise by one gather where a weight is wider than
-        the block.
+        crop class at a time (with autograd: one kernel size at a time), only the block rows the
+        class uses, cropped to its (rows, cols) corner, normalised, and tiled channel-wise by one
+        gather where a weight is wider than the block.
         """
         cfg = self.config
         k, mo, mi = cfg.max_kernel, cfg.max_out, cfg.max_in
@@ -227,19 +227,31 @@ class GHNQ(nn.Module):
         first, last = self.dec_channels[0], self.dec_channels[2]
         last_w, last_b = last.weight.view(mo, mi, -1), last.bias.view(mo, mi)
         acc = torch.float32 if h.device.type == "mps" else torch.float64  # for sums of squares
+        # Without autograd each crop class decodes only what it uses; with autograd, slicing the
+        # last layer's weights per class would cost a zero-filled weight-sized gradient per class.
+        autograd = torch.is_grad_enabled()
         out = []
-        for kh, kw, g0, g1, classes in plan.groups:
-            z = z_all[g0:g1]
+        # torch.split, not slicing, for the parts: its gradient is one op, not a zero-filled
+        # gradient of the whole tensor for every part
+        z_groups = z_all.split([g1 - g0 for _, _, g0, g1, _ in plan.groups])
+        for (kh, kw, g0, g1, classes), z in zip(plan.groups, z_groups):
             if kh > k or kw > k:  # tile the map for kernels larger than the decoder's
                 z = z.repeat(1, 1, math.ceil(kh / k), math.ceil(kw / k))
             z = torch.relu(first(z[:, :, :kh, :kw].permute(0, 2, 3, 1)))  # (n, kh, kw, decoder_hid2)
-            for c in classes:
+            sizes = [c.end - c.start for c in classes]
+            if autograd:  # one matmul for the kernel size: the weights' gradient is one matmul too
+                rows = max(c.rows for c in classes)
+                parts = F.linear(z, last.weight[:rows * mi], last.bias[:rows * mi]).view(g1 - g0, kh * kw, rows, mi)
+            else:
+                parts = z
+            for c, part in zip(classes, parts.split(sizes)):
                 o, i, n = c.rows, c.cols, c.end - c.start
-                zc = z[c.start - g0:c.end - g0]
-                if c.copy_corner:  # the (o, i) corner of the last layer's weights, copied
-                    y = F.linear(zc, last_w[:o, :i].reshape(o * i, -1), last_b[:o, :i].reshape(-1)).view(n, kh * kw, o, i)
+                if autograd:
+                    y = part[:, :, :o, :i]
+                elif c.copy_corner:  # the (o, i) corner of the last layer's weights, copied
+                    y = F.linear(part, last_w[:o, :i].reshape(o * i, -1), last_b[:o, :i].reshape(-1)).view(n, kh * kw, o, i)
                 else:  # block rows 0..o, a prefix of the last layer's rows (no copy), then the columns
-                    y = F.linear(zc, last.weight[:o * mi], last.bias[:o * mi]).view(n, kh * kw, o, mi)[..., :i]
+                    y = F.linear(part, last.weight[:o * mi], last.bias[:o * mi]).view(n, kh * kw, o, mi)[..., :i]
                 if c.classifier:
                     # the (O, I) block -> classes along the output dimension, as GHN-2's classifier head
                     y = self.dec_classifier(torch.relu(y[:, 0]).transpose(1, 2)).transpose(1, 2)
