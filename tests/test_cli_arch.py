@@ -171,3 +171,14 @@ def test_bad_file_in_a_real_process(tmp_path: Path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: {bad}: invalid JSON at line 2, column 12: Expecting value"]
     assert "Traceback" not in result.stderr
+
+
+def test_usage_error_in_a_real_process_is_one_message_not_a_traceback():
+    """Unknown options reach main() as the CLI library's usage error (click's or typer's own copy)."""
+    result = subprocess.run(
+        [sys.executable, "-c", "from ghnq_deploy.cli import main; main()", "arch", "show", "--no-such-flag"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "No such option: --no-such-flag" in result.stderr
+    assert "Traceback" not in result.stderr

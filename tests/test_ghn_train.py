@@ -132,3 +132,17 @@ def test_unknown_qat_scheme_fails_before_any_work(tmp_path):
     with pytest.raises(QuantSchemeError, match="unknown quantization scheme 'tflite'"):
         train(_cfg(tmp_path, qat_bits=("w8a8",), qat_scheme="tflite"))
     assert not (tmp_path / "run").exists()
+
+
+def test_range_penalty_is_trained_and_logged(tmp_path):
+    """--range-penalty adds the per-tensor-grid penalty of the quantized nets and logs its value."""
+    cfg = _cfg(tmp_path, steps=2, checkpoint_every=2, qat_bits=("w4a8",), range_penalty=1.0)
+    train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert all(0.0 < r["range_penalty"] < 1.0 for r in log)
+    plain = _cfg(tmp_path / "plain", steps=2, checkpoint_every=2, qat_bits=("w4a8",))
+    train(plain)
+    plain_log = [json.loads(line) for line in (tmp_path / "plain" / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert all("range_penalty" not in r for r in plain_log)
+    # same nets and images: the first step's loss differs by exactly the penalty term
+    assert log[0]["raw_loss"] == pytest.approx(plain_log[0]["raw_loss"] + log[0]["range_penalty"], rel=1e-4)

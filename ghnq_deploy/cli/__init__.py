@@ -67,12 +67,13 @@ def main() -> None:
         raise SystemExit(exc.exit_code) from None
     except SystemExit:
         raise
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.exceptions.Abort):
-            raise SystemExit(1) from None
+    except typer.Abort:
+        raise SystemExit(1) from None
+    except Exception as exc:  # usage errors arrive here in non-standalone mode
+        # click's ClickException before typer 0.29, typer's own vendored copy since: both
+        # carry show() and exit_code, and typer no longer depends on click
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            raise SystemExit(code) from None
         raise

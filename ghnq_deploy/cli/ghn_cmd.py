@@ -124,6 +124,9 @@ def train(
     bit_conditioning: bool = typer.Option(False, help="Condition the GHN on the target bit-width."),
     loss_cap: Optional[float] = typer.Option(None, help="Scale down the gradient of any net whose loss exceeds this "
                                              "(robust QAT: 4-bit nets that collapse do not dominate the step)."),
+    range_penalty: float = typer.Option(0.0, min=0.0, help="--qat: weight of the range-balance penalty on quantized "
+                                        "nets (rounding-noise share of each channel on its layer's per-tensor grid, "
+                                        "BN folded; see docs/quantization.md)."),
     train_images: Optional[int] = typer.Option(None, help="Use only the first N training images."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     max_minutes: Optional[float] = typer.Option(None, help="Wall-clock budget: shorten the run (and its lr decay) to fit."),
@@ -134,6 +137,8 @@ def train(
 
     if qat_scheme not in PRESETS:
         raise QuantSchemeError(f"--qat-scheme {qat_scheme!r} is not one of {', '.join(PRESETS)}")
+    if range_penalty and not qat:
+        raise QuantSchemeError("--range-penalty needs --qat (it acts on the quantized nets of a QAT meta-batch)")
     _check_threads(threads)
     distributed = init_distributed(device)
     bits = tuple(b.strip() for b in qat_bits.split(",") if b.strip()) if qat else ()
@@ -145,6 +150,7 @@ def train(
         lr=lr, weight_decay=weight_decay, lr_decay_at=lr_decay_at, seed=seed, checkpoint_every=checkpoint_every,
         train_images=train_images, init_from=init_from, qat_bits=bits, qat_scheme=qat_scheme,
         bit_conditioning=bit_conditioning, device=device, max_minutes=max_minutes, loss_cap=loss_cap,
+        range_penalty=range_penalty if qat else 0.0,
     )
     import torch.distributed as dist
 

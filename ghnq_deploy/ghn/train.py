@@ -31,6 +31,7 @@ from ghnq_deploy.ghn.graph import build_graph
 from ghnq_deploy.ghn.model import BIT_OPTIONS, GHNQ, GHNConfig
 from ghnq_deploy.ghn.checkpoint import load_ghn_checkpoint
 from ghnq_deploy.io import atomic_torch_save, atomic_write_text
+from ghnq_deploy.quant.range_balance import range_balance_penalty
 from ghnq_deploy.quant.scheme import QuantScheme, qat_scheme
 
 
@@ -48,6 +49,7 @@ class TrainConfig:
     lr_decay_at: float = 0.75  # fraction of the run after which lr *= 0.1
     grad_clip: float = 5.0
     loss_cap: float | None = None  # per-net loss above this has its gradient scaled down to the cap's (see robust_loss)
+    range_penalty: float = 0.0  # QAT: weight of quant.range_balance's per-tensor-grid penalty on quantized nets
     seed: int = 0
     checkpoint_every: int = 200
     log_every: int = 10
@@ -101,12 +103,14 @@ class MetaBatchSource:
 
 
 def net_loss(ghn_params: dict[str, torch.Tensor], spec, x: torch.Tensor, y: torch.Tensor,
-             bits: str = "fp32", scheme: str | QuantScheme = "paper") -> tuple[torch.Tensor, torch.Tensor]:
+             bits: str = "fp32", scheme: str | QuantScheme = "paper",
+             folded: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy and correct count of one net running on predicted (non-leaf) parameters.
 
     ``scheme`` names the deployment scheme; the net runs under its QAT form,
     :func:`~ghnq_deploy.quant.scheme.qat_scheme` (``tflite-int8`` trains as
     ``tflite-int8-qat``: activation ranges from this batch instead of a calibration).
+    ``folded`` collects a quantized net's float folded weights (for the range penalty).
     """
     with torch.device("meta"):
         net = ArchNet(spec, bn_running_stats=False)
@@ -115,7 +119,7 @@ def net_loss(ghn_params: dict[str, torch.Tensor], spec, x: torch.Tensor, y: torc
     else:
         from ghnq_deploy.quant.simulate import simulated_forward
 
-        logits = simulated_forward(net, ghn_params, x, scheme=qat_scheme(scheme), bits=bits)
+        logits = simulated_forward(net, ghn_params, x, scheme=qat_scheme(scheme), bits=bits, folded=folded)
     return F.cross_entropy(logits, y), (logits.argmax(1) == y).sum()
 
 
@@ -228,25 +232,30 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult]
         bit_ids = [BIT_OPTIONS.index(bits[k]) for k in mine]
         params = model(graphs, bit_ids)
         loss = x.new_zeros(())
-        correct = 0
+        correct, penalties = 0, []
         for k, p in zip(mine, params):
-            net_l, net_c = net_loss(p, specs[k], x, y, bits[k], scheme)
+            folded = [] if cfg.range_penalty and bits[k] != "fp32" else None
+            net_l, net_c = net_loss(p, specs[k], x, y, bits[k], scheme, folded)
             loss = loss + robust_loss(net_l, cfg.loss_cap) * world / cfg.meta_batch
+            if folded and (pen := range_balance_penalty(folded)) is not None:
+                loss = loss + cfg.range_penalty * pen * world / cfg.meta_batch
+                penalties.append(pen.item())
             correct = correct + net_c
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(ghn.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
-        value = loss.item() * cfg.meta_batch / (world * len(mine))  # this process's mean loss
+        value = loss.item() * cfg.meta_batch / (world * len(mine))  # this process's mean loss (penalty included)
         acc = int(correct) / (len(mine) * len(y))
         ema_loss = value if ema_loss is None else 0.98 * ema_loss + 0.02 * value
         ema_acc = acc if ema_acc is None else 0.98 * ema_acc + 0.02 * acc
         result = StepResult(step + 1, total, ema_loss, ema_acc, scheduler.get_last_lr()[0], time.perf_counter() - t0)
         if rank == 0:
             if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+                extra = {"range_penalty": float(np.mean(penalties))} if penalties else {}
                 with open(log_path, "a") as handle:
-                    handle.write(json.dumps({**asdict(result), "raw_loss": value, "raw_acc": acc,
+                    handle.write(json.dumps({**asdict(result), "raw_loss": value, "raw_acc": acc, **extra,
                                              "time": time.time()}) + "\n")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
                 atomic_torch_save(state_path, {

@@ -155,6 +155,7 @@ class _Context:
     ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     observe: bool = False  # calibration: run in float and widen ``ranges``
     weight_cache: dict[str, tuple] | None = None
+    folded: list[torch.Tensor] | None = None  # QAT: every quantized layer's float (folded) weight, in order
 
 
 def _quant_act(ctx: _Context, key: str, t: torch.Tensor, owned: bool = True, act: str | None = None):
@@ -218,6 +219,8 @@ def _weights(step: Step, params: dict[str, torch.Tensor], ctx: _Context, x: torc
             bp = step.bn
             w, b = fold_batchnorm(w, b, params[bp + "weight"], params[bp + "bias"], params[bp + "running_mean"],
                                   params[bp + "running_var"], step.eps)
+        if ctx.folded is not None and s.weight_bits is not None:
+            ctx.folded.append(w)
         wq, ws = fake_quant_weight(w, s)
         if cache is not None:
             cache[step.out] = (wq, ws, b)
@@ -234,6 +237,8 @@ def _weights(step: Step, params: dict[str, torch.Tensor], ctx: _Context, x: torc
     else:
         mean, var = batch_stats(F.conv2d(x, w, b, **step.kwargs))
     w, b = fold_batchnorm(w, b, gamma, beta, mean, var, step.eps)
+    if ctx.folded is not None:
+        ctx.folded.append(w)
     wq, ws = fake_quant_weight(w, s)
     return wq, ws, b, None
 
@@ -353,13 +358,15 @@ def run_plan(plan: list[Step], params: dict[str, torch.Tensor], x: torch.Tensor,
 
 def simulated_forward(net: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
                       scheme: str | QuantScheme = "paper", bits: str | None = None, bn: str = "batch",
-                      ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+                      ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                      folded: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Logits of ``net`` (any ArchNet, meta device allowed) run quantized on ``params``.
 
     For QAT: ``params`` are predicted tensors; gradients flow straight-through every
     quantizer into them (and into the batch statistics of folded BatchNorms).
     ``bits`` (e.g. "w4a8") overrides the preset's bit-widths; ``ranges`` are needed only
-    by schemes with calibrated ranges.
+    by schemes with calibrated ranges. ``folded``, a list, receives every quantized layer's
+    float weight (BN folded in, before rounding) for :mod:`ghnq_deploy.quant.range_balance`.
     """
     if bn not in BN_MODES:
         raise SimulationError(f"unknown BatchNorm mode {bn!r}; choose from {', '.join(BN_MODES)}")
@@ -368,7 +375,7 @@ def simulated_forward(net: nn.Module, params: dict[str, torch.Tensor], x: torch.
         raise SimulationError(f"scheme '{sch.name}' uses calibrated activation ranges: pass ranges= (from "
                               "QuantSim.calibrate) or use a scheme with range_source='absolute'")
     plan = compile_plan(net, sch.fuse_activations)
-    return run_plan(plan, params, x, _Context(sch, bn, ranges))
+    return run_plan(plan, params, x, _Context(sch, bn, ranges, folded=folded))
 
 
 class QuantSim(nn.Module):
