@@ -351,3 +351,16 @@ def test_qat_steps_with_the_tflite_scheme_lower_the_quantized_loss():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params.values())
     with torch.no_grad():  # this small net: 2.35 -> 1.50 (paper w4a8 1.54, float 1.38) in 40 steps
         assert float(loss_now()) < 0.7 * first
+
+
+def test_paper_per_channel_preset_differs_from_paper_only_in_weight_granularity():
+    from dataclasses import replace as dc_replace
+
+    pc = get_scheme("paper-per-channel", "w4a8")
+    assert pc.weight_granularity == "per_channel"
+    assert dc_replace(pc, name="paper", weight_granularity="per_tensor") == get_scheme("paper", "w4a8")
+    # one outlier channel: per tensor it zeroes the small channel, per channel it does not
+    w = torch.tensor([[[[8.0]], [[-8.0]]], [[[0.1]], [[-0.1]]]])
+    from ghnq_deploy.quant.scheme import fake_quant_weight
+    assert fake_quant_weight(w, get_scheme("paper", "w4a8"))[0][1].abs().sum().item() == 0.0
+    assert fake_quant_weight(w, pc)[0][1].flatten().tolist() == pytest.approx([0.1, -0.1], abs=0.2 / 15)  # one step

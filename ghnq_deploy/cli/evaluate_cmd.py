@@ -59,7 +59,8 @@ def evaluate(
     seed: int = typer.Option(0, help="Sampler seed for --split / --table1."),
     table1: bool = typer.Option(False, "--table1", help="All paper splits: id-test, ood-deep, ood-wide, ood-bnfree."),
     bits: str = typer.Option(_BITS_DEFAULT, help="Comma-separated bit-widths: fp32 or wNaM (N, M in 2..8)."),
-    scheme: str = typer.Option("paper", help="Quantization scheme preset: paper or tflite-int8."),
+    scheme: str = typer.Option("paper", help="Quantization scheme preset: paper, tflite-int8, tflite-int8-qat or "
+                               "paper-per-channel (docs/quantization.md)."),
     bn: str = typer.Option("batch", help="BatchNorm: 'batch' (paper: statistics of each test batch) or 'running' "
                                          "(calibrated on CIFAR-10 train images, folded once)."),
     checkpoint: str = typer.Option("default", help="GHN checkpoint: 'default', 'qat' or a file."),

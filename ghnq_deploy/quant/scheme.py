@@ -21,6 +21,8 @@ registered as a third preset:
 * ``tflite-int8-qat`` - ``tflite-int8`` with ``range_source="absolute"`` (per-batch
   absolute min / max); weights, bias, rounding and quantizer placement are tflite-int8's.
 
+and one ablation: ``paper-per-channel`` (``paper`` with a weight grid per output channel).
+
 All are combined with a bit-width shorthand (``fp32``, ``w8a8``, ``w4a8``, ``w4a4``,
 ``w2a2`` or any ``wNaM`` with N, M in 2..8; 32 means float): ``get_scheme("paper", "w4a8")``.
 
@@ -176,6 +178,9 @@ def get_scheme(preset: str | QuantScheme = "paper", bits: str | None = None) -> 
 
 
 PRESETS["tflite-int8-qat"] = qat_scheme("tflite-int8")
+# the paper's scheme with one grid per output channel instead of per tensor: the ablation
+# that shows where 4-bit accuracy goes (docs/quantization.md, "Why 4 bits lose")
+PRESETS["paper-per-channel"] = replace(PRESETS["paper"], name="paper-per-channel", weight_granularity="per_channel")
 
 
 # ----------------------------------------------------------------------------- integer grid
