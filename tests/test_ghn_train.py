@@ -29,16 +29,21 @@ def _cfg(tmp_path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def _fixed_loss(ghn, cfg: TrainConfig, steps=(1000, 1001, 1002)) -> float:
-    """Loss of the GHN on a fixed set of (nets, images) it was not trained on."""
+def _held_out(ghn, cfg: TrainConfig, steps):
+    """(predicted params, spec, images, labels) of a fixed set of nets the GHN was not trained on."""
     source = MetaBatchSource(cfg, load_cifar10("train").subset(cfg.train_images))
-    total = 0.0
     with torch.no_grad():
         for step in steps:
             specs, x, y, _ = source(step)
             params = ghn.predict_params([build_graph(s) for s in specs])
-            total += sum(float(net_loss(p, s, x, y)[0]) for p, s in zip(params, specs))
-    return total
+            for p, s in zip(params, specs):
+                yield p, s, x, y
+
+
+def _fixed_loss(ghn, cfg: TrainConfig, steps=(1000, 1001, 1002)) -> float:
+    """Loss of the GHN on a fixed set of (nets, images) it was not trained on."""
+    with torch.no_grad():
+        return sum(float(net_loss(p, s, x, y)[0]) for p, s, x, y in _held_out(ghn, cfg, steps))
 
 
 def test_tiny_training_lowers_the_loss(tmp_path):
@@ -152,16 +157,12 @@ def _fixed_penalty(ghn, cfg: TrainConfig, steps=(1000, 1001)) -> float:
     """Range-balance penalty of the GHN's W4A8 nets on a fixed set of (nets, images)."""
     from ghnq_deploy.quant.range_balance import range_balance_penalty
 
-    source = MetaBatchSource(cfg, load_cifar10("train").subset(cfg.train_images))
     total = 0.0
     with torch.no_grad():
-        for step in steps:
-            specs, x, y, _ = source(step)
-            params = ghn.predict_params([build_graph(s) for s in specs])
-            for p, s in zip(params, specs):
-                folded: list = []
-                net_loss(p, s, x, y, "w4a8", folded=folded)
-                total += float(range_balance_penalty(folded))
+        for p, s, x, y in _held_out(ghn, cfg, steps):
+            folded: list = []
+            net_loss(p, s, x, y, "w4a8", folded=folded)
+            total += float(range_balance_penalty(folded))
     return total
 
 

@@ -150,7 +150,7 @@ def train(
         lr=lr, weight_decay=weight_decay, lr_decay_at=lr_decay_at, seed=seed, checkpoint_every=checkpoint_every,
         train_images=train_images, init_from=init_from, qat_bits=bits, qat_scheme=qat_scheme,
         bit_conditioning=bit_conditioning, device=device, max_minutes=max_minutes, loss_cap=loss_cap,
-        range_penalty=range_penalty if qat else 0.0,
+        range_penalty=range_penalty,
     )
     import torch.distributed as dist
 

@@ -237,7 +237,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult]
             folded = [] if cfg.range_penalty and bits[k] != "fp32" else None
             net_l, net_c = net_loss(p, specs[k], x, y, bits[k], scheme, folded)
             loss = loss + robust_loss(net_l, cfg.loss_cap) * world / cfg.meta_batch
-            if folded and (pen := range_balance_penalty(folded)) is not None:
+            if folded:  # a quantized net with the penalty on (and at least one quantized layer)
+                pen = range_balance_penalty(folded)
                 loss = loss + cfg.range_penalty * pen * world / cfg.meta_batch
                 penalties.append(pen.item())
             correct = correct + net_c
