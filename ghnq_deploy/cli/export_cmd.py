@@ -97,7 +97,8 @@ def export_command(
     eval_set: Optional[str] = typer.Option(None, "--eval-set", help="Evaluation .npz; default: the shipped 2,000 CIFAR-10 test (JPEG copy) images."),
     eval_count: Optional[int] = typer.Option(None, "--eval-count", help="Evaluate on the first N images of the evaluation set only."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the accuracy measurement after export."),
-    resolver: str = typer.Option("xnnpack", "--resolver", help="LiteRT kernels for the TFLite evaluation: xnnpack, builtin or reference."),
+    resolver: Optional[str] = typer.Option(None, "--resolver", help="LiteRT kernels for the TFLite evaluation: xnnpack (default), builtin or reference."),
+    bits: Optional[str] = typer.Option(None, "--bits", help="int8 targets: w8a8 (default) or w4a8 (an int8 file whose weights use only the 4-bit per-channel levels; folder export/<target>-w4a8)."),
     parity_tolerance: float = typer.Option(1e-4, "--parity-tolerance", help="onnx / tflite: refuse the file if its logits differ from torch's by more than this (max abs)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", "-o", help="Output folder (default: <run>/export/<target>)."),
     workspace: Optional[Path] = typer.Option(None, "--workspace", help="Workspace folder (default ./ghnq-runs or $GHNQ_WORKSPACE)."),
@@ -110,7 +111,7 @@ def export_command(
 
     if target not in TARGETS:
         raise UserError(f"--target {target!r} is not one of {', '.join(TARGETS)}")
-    if resolver not in RESOLVERS:
+    if resolver is not None and resolver not in RESOLVERS:
         raise UserError(f"--resolver {resolver!r} is not one of {', '.join(RESOLVERS)}")
     if eval_count is not None and eval_count < 1:
         raise UserError(f"--eval-count must be at least 1, got {eval_count}")
@@ -118,14 +119,16 @@ def export_command(
     if as_json:
         result = export(model_path, target, calibration=calibration, out_dir=out_dir,
                         calibration_method=calibration_method, eval_set=eval_set, eval_count=eval_count,
-                        evaluate_file=not no_eval, resolver=resolver, parity_tolerance=parity_tolerance)
+                        evaluate_file=not no_eval, resolver=resolver, parity_tolerance=parity_tolerance,
+                        bits=bits)
         typer.echo(json.dumps({"model_file": str(result.model_file), "manifest_file": str(result.manifest_file),
                                "manifest": result.manifest}, indent=1))
         return
     with console.status(f"exporting {model_path} to {target} (calibrate BN, fold, convert, evaluate)"):
         result = export(model_path, target, calibration=calibration, out_dir=out_dir,
                         calibration_method=calibration_method, eval_set=eval_set, eval_count=eval_count,
-                        evaluate_file=not no_eval, resolver=resolver, parity_tolerance=parity_tolerance)
+                        evaluate_file=not no_eval, resolver=resolver, parity_tolerance=parity_tolerance,
+                        bits=bits)
     _print_export(result, model_path)
 
 

@@ -26,24 +26,14 @@ from ghnq_deploy.arch.builder import ArchNet
 from ghnq_deploy.calibration import ImageSetFile, load_calibration, load_eval_set
 from ghnq_deploy.data import normalize
 from ghnq_deploy.errors import UserError
+from ghnq_deploy.export import formats, lowbit
 from ghnq_deploy.export import manifest as mf
 from ghnq_deploy.export import onnx as onnx_export
-from ghnq_deploy.export import tflite as tflite_export
+from ghnq_deploy.runtime.registry import get_runtime
 from ghnq_deploy.quant.bn_calibrate import FoldReport, calibrate_bn, check_folding, fold_bn, summarize
 
-TARGETS = ("onnx", "onnx-int8", "tflite", "tflite-int8")
-FILE_NAMES = {
-    "onnx": onnx_export.FLOAT_FILE,
-    "onnx-int8": onnx_export.INT8_FILE,
-    "tflite": tflite_export.FLOAT_FILE,
-    "tflite-int8": tflite_export.INT8_FILE,
-}
-DESCRIPTIONS = {
-    "onnx": "float32 ONNX (opset 17, BN folded, dynamic batch)",
-    "onnx-int8": "int8 QDQ ONNX (static quantization: per-channel symmetric int8 weights, int8 activations; float I/O)",
-    "tflite": "float32 TFLite (BN folded, NHWC input)",
-    "tflite-int8": "full-integer int8 TFLite (int8 input and output, TFLITE_BUILTINS_INT8 only, per-channel weights)",
-}
+TARGETS = formats.TARGETS
+FILE_NAMES = {name: fmt.file_name for name, fmt in formats.FORMATS.items()}
 MIN_CALIBRATION_IMAGES = 32
 FOLD_CHECK_IMAGES = 64
 BN_BATCH_SIZE = 64
@@ -88,77 +78,34 @@ def prepare_model(model: ArchNet, calibration: np.ndarray) -> PreparedModel:
     return PreparedModel(model, folded, reports, diff, has_bn, seconds_bn, time.perf_counter() - start)
 
 
-def _convert(target: str, folded: ArchNet, out: Path, calibration_nchw: np.ndarray, method: str) -> None:
-    """Write the target's file at ``out`` (inside the temporary folder)."""
-    spec = folded.spec
-    if target == "onnx":
-        onnx_export.export_float(folded, out, spec.input_shape)
-    elif target == "onnx-int8":
-        float_file = out.with_name(".float-for-quantization.onnx")
-        onnx_export.export_float(folded, float_file, spec.input_shape)
-        onnx_export.quantize_int8(float_file, out, calibration_nchw, method=method)
-        float_file.unlink()
-    elif target == "tflite":
-        out.write_bytes(tflite_export.convert_float(tflite_export.build_keras_model(folded)))
-    elif target == "tflite-int8":
-        keras_model = tflite_export.build_keras_model(folded)
-        out.write_bytes(tflite_export.convert_full_int8(keras_model, calibration_nchw))
-    else:  # pragma: no cover - export() checks the target first
-        raise ExportError(f"unknown target {target!r}")
+def runner_for(target: str, resolver: str | None = None) -> tuple[Callable[[Path, np.ndarray], np.ndarray], str]:
+    """(run_normalized(file, x_nchw) -> logits, runtime description) for a format's file, on this host."""
+    runtime = get_runtime(formats.get_format(target).default_runtime)
+    kernels = runtime.check_kernels(resolver or runtime.kernels[0])
+    return (lambda path, x: runtime.run_in_process(path, x, kernels, None)), _describe_runtime(runtime, kernels)
 
 
-def runner_for(target: str, resolver: str = "xnnpack") -> tuple[Callable[[Path, np.ndarray], np.ndarray], str]:
-    """(run_normalized(file, x_nchw) -> logits, runtime description) for a target's file."""
-    if target.startswith("onnx"):
-        from ghnq_deploy.runtime import onnxruntime_runner as r
+def _describe_runtime(runtime, kernels: str) -> str:
+    from importlib.metadata import version
 
-        return r.run_normalized, r.describe()
-    from ghnq_deploy.runtime import litert_runner as r
-
-    return (lambda path, x: r.run_normalized(path, x, resolver=resolver)), r.describe(resolver)
+    package = runtime.packages[0]
+    suffix = f" ({kernels} kernels)" if len(runtime.kernels) > 1 else ""
+    return f"{package} {version(package)} {runtime.description.split(' (')[0]}{suffix}"
 
 
 def io_quantization(target: str, path: Path) -> dict:
     """Input/output dtype, shape, scale and zero point, read back from the produced file."""
-    if target.startswith("onnx"):
-        inp, out = onnx_export.io_quantization(path)
-    else:
-        inp, out = tflite_export.io_quantization(path)
+    inp, out = formats.get_format(target).read_io(path)
     return {"input": inp.to_dict(), "output": out.to_dict()}
 
 
 def weight_summary(target: str, path: Path) -> dict | None:
     """For int8 files: how the weights and biases were actually quantized (read from the file)."""
-    if target == "tflite-int8":
-        ops = tflite_export.weighted_ops(path)
-        weights = [op["weight"] for op in ops]
-        biases = [op["bias"] for op in ops if op["bias"] is not None]
-        return {
-            "weighted_ops": len(ops),
-            "weight_dtypes": sorted({w["dtype"] for w in weights}),
-            "per_channel": sum(len(w["scales"]) > 1 for w in weights),
-            "all_zero_points_zero": all(not any(w["zero_points"]) for w in weights),
-            "weight_int_range": [min((w["min"] for w in weights), default=None),
-                                 max((w["max"] for w in weights), default=None)],
-            "bias_dtypes": sorted({b["dtype"] for b in biases}),
-            "ops": sorted(set(tflite_export.op_names(path))),
-        }
-    if target == "onnx-int8":
-        rows = onnx_export.weight_quantization(path)
-        weights = [r for r in rows if r["dtype"] == "int8"]
-        return {
-            "quantized_initializers": len(rows),
-            "int8_weights": len(weights),
-            "per_channel": sum(len(r["scales"] or []) > 1 for r in weights),
-            "all_zero_points_zero": all(not any(r["zero_points"] or []) for r in weights),
-            "weight_int_range": [min((r["min"] for r in weights), default=None),
-                                 max((r["max"] for r in weights), default=None)],
-            "bias_dtypes": sorted({r["dtype"] for r in rows if r["dtype"] != "int8"}),
-        }
-    return None
+    summarize_weights = formats.get_format(target).weight_summary
+    return summarize_weights(path) if summarize_weights else None
 
 
-def evaluate(target: str, path: Path, reference: nn.Module, eval_set: ImageSetFile, resolver: str = "xnnpack") -> dict:
+def evaluate(target: str, path: Path, reference: nn.Module, eval_set: ImageSetFile, resolver: str | None = None) -> dict:
     """Accuracy of the file on the eval set, the torch float reference's, and their agreement."""
     x = normalize(eval_set.images).numpy()
     run, runtime = runner_for(target, resolver)
@@ -263,18 +210,27 @@ def _write_atomically(out_dir: Path, build: Callable[[Path], list[Path]]) -> lis
 def export(model_path: str | os.PathLike, target: str, calibration: str | os.PathLike | None = None,
            out_dir: str | os.PathLike | None = None, calibration_method: str | None = None,
            eval_set: str | os.PathLike | None = None, eval_count: int | None = None, evaluate_file: bool = True,
-           resolver: str = "xnnpack", parity_tolerance: float | None = PARITY_TOLERANCE) -> ExportResult:
+           resolver: str | None = None, parity_tolerance: float | None = PARITY_TOLERANCE,
+           bits: str | None = None) -> ExportResult:
     """Export a predicted model file to ``target``; writes ``<out_dir>/<file>`` and ``manifest.json``.
 
     ``calibration``/``eval_set``: shipped set names or .npz files (default: the shipped sets).
     ``out_dir`` defaults to ``<model folder>/export/<target>``. ``calibration_method`` is
     onnx-int8's (default minmax) and refused for other targets rather than ignored. A float
     file whose logits differ from torch's by more than ``parity_tolerance`` is not written.
+    ``bits``: for int8 formats, w8a8 (default) or w4a8 (int8 file holding only 4-bit weight
+    levels, see :mod:`ghnq_deploy.export.lowbit`); its default folder is ``export/<target>-w4a8``.
     """
     from ghnq_deploy.ghn.predict import load_predicted
 
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    fmt = formats.get_format(target)
+    bits = bits or fmt.bits[0]
+    if bits not in fmt.bits:
+        raise ExportError(f"{target} carries {', '.join(fmt.bits)}, not {bits}"
+                          + ("; use an int8 target for w4a8" if not fmt.integer else ""))
+    wbits = lowbit.weight_bits(bits) if fmt.integer else None
     if calibration_method is not None and target != "onnx-int8":
         raise ExportError(f"--calibration-method applies to onnx-int8 only (tflite-int8 calibrates with the "
                           f"converter's min/max); got it for {target}")
@@ -294,29 +250,39 @@ def export(model_path: str | os.PathLike, target: str, calibration: str | os.Pat
     if evaluate_file:
         evals = load_eval_set(eval_set, image_shape=spec.input_shape, num_classes=spec.num_classes).subset(eval_count)
     prepared = prepare_model(predicted.build(), cal.images)
+    # the float net the file stands for: W4A8 files carry weights snapped to the 4-bit grid
+    source = lowbit.snap_weights(prepared.folded, wbits) if wbits is not None else prepared.folded
     calibration_nchw = normalize(cal.images).numpy()
-    out_dir = Path(out_dir) if out_dir is not None else model_path.parent / "export" / target
-    file_name = FILE_NAMES[target]
+    out_dir = (Path(out_dir) if out_dir is not None
+               else model_path.parent / "export" / formats.export_folder_name(target, bits))
+    file_name = fmt.file_name
     result: dict = {}
 
     def build(tmp: Path) -> list[Path]:
         model_file = tmp / file_name
         start = time.perf_counter()
-        _convert(target, prepared.folded, model_file, calibration_nchw, calibration_method)
+        fmt.convert(source, model_file, calibration_nchw, calibration_method)
+        if wbits is not None and wbits < 8:
+            fmt.requantize(model_file, wbits)
         seconds_convert = time.perf_counter() - start
-        evaluation = evaluate(target, model_file, prepared.folded, evals, resolver) if evals is not None else None
+        evaluation = evaluate(target, model_file, source, evals, resolver) if evals is not None else None
         check_parity(target, evaluation, parity_tolerance)
         io = io_quantization(target, model_file)
+        weights = weight_summary(target, model_file)
+        if weights is not None:
+            weights["bits"] = bits
+            weights["levels"] = (f"{wbits}-bit per-channel symmetric levels [-{lowbit.levels(wbits)}, "
+                                 f"{lowbit.levels(wbits)}] stored in int8: an int8 runtime executes exactly {bits}")
         timings = {"bn_calibration": prepared.seconds_bn, "fold": prepared.seconds_fold, "convert": seconds_convert,
                    "evaluate": None if evaluation is None else evaluation["seconds"],
                    "total": time.perf_counter() - total_start}
         manifest = mf.build_manifest(
-            target=target, model_file=model_file, description=DESCRIPTIONS[target], spec_name=spec.name,
+            target=target, model_file=model_file, description=fmt.description, spec_name=spec.name,
             arch_sha256=spec.sha256(), predicted_file=model_path, predicted_meta=predicted.meta,
             calibration={"description": cal.description, "file": cal.path.name if cal.path else None,
                          "sha256": cal.sha256, "count": len(cal), "source": cal.meta.get("source"),
                          "seed": cal.meta.get("seed"), "preprocessing": cal.meta.get("preprocessing"),
-                         "used_for": ["batchnorm"] + (["activation ranges"] if target.endswith("int8") else []),
+                         "used_for": ["batchnorm"] + (["activation ranges"] if fmt.integer else []),
                          "method": _method_text(calibration_method) if target == "onnx-int8" else
                          ("TFLiteConverter representative_dataset (min/max)" if target == "tflite-int8" else None)},
             bn={"present": prepared.has_bn, "calibrated": prepared.has_bn,
@@ -325,10 +291,10 @@ def export(model_path: str | os.PathLike, target: str, calibration: str | os.Pat
             folding={**summarize(prepared.reports), "check_images": FOLD_CHECK_IMAGES if prepared.has_bn else 0,
                      "max_abs_logit_diff_folded_vs_unfolded": prepared.fold_max_abs_diff,
                      "layers": [r.to_dict() for r in prepared.reports]},
-            io=io, weights=weight_summary(target, model_file), evaluation=evaluation, timings=timings,
+            io=io, weights=weights, evaluation=evaluation, timings=timings,
             options={"calibration_method": calibration_method if target == "onnx-int8" else None,
-                     "litert_resolver": resolver if target.startswith("tflite") else None,
-                     "opset": onnx_export.OPSET if target.startswith("onnx") else None},
+                     "runtime_kernels": resolver, "bits": bits,
+                     "opset": onnx_export.OPSET if fmt.family == "onnx" else None},
         )
         manifest_file = tmp / mf.MANIFEST_NAME
         mf.write_manifest(manifest_file, manifest)
