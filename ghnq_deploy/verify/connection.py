@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shlex
 import shutil
@@ -155,3 +156,242 @@ class LocalConnection:
             if proc.returncode != 0:
                 raise runner_failure(self.describe(), proc.returncode, proc.stderr)
             return parse_output(folder / OUTPUT_NAME, self.where, self.describe())
+
+
+# ---------------------------------------------------------------- a device over SSH
+
+# forced on every ssh call, ahead of the user's config (ssh takes an option's first value):
+# never prompt, never trust an unknown host key, keys only
+SSH_SAFETY = ("BatchMode=yes", "StrictHostKeyChecking=yes", "PasswordAuthentication=no",
+              "KbdInteractiveAuthentication=no", "ServerAliveInterval=5", "ServerAliveCountMax=3")
+REMOTE_TMP = re.compile(r"^/[A-Za-z0-9._/+-]*/ghnq-verify\.[A-Za-z0-9]+$")
+_MKTEMP = 'mktemp -d "${TMPDIR:-/tmp}/ghnq-verify.XXXXXXXX"'
+
+
+class SSHConnection:
+    """A device reached with the system ``ssh``: its own Python runs the runner in ``mktemp -d``.
+
+    ``host`` may be ``user@addr`` or an alias from the user's (or ``ssh_config``'s) config file.
+    """
+
+    where = "ssh"
+
+    def __init__(self, host: str, *, user: str | None = None, port: int | None = None,
+                 identity_file: str | Path | None = None, python: str = "python3",
+                 ssh_config: str | Path | None = None, known_hosts_file: str | Path | None = None,
+                 connect_timeout_s: float = 10, run_timeout_s: float = 1800, extra_options: Sequence[str] = (),
+                 ssh: str = "ssh"):
+        if not host or host.startswith("-") or any(c.isspace() for c in host):
+            raise UserError(f"invalid SSH host {host!r}")
+        self.host, self.user, self.port = host, user, port
+        self.identity_file = Path(identity_file).expanduser() if identity_file else None
+        self.python = python
+        self.ssh_config = Path(ssh_config).expanduser() if ssh_config else None
+        self.known_hosts_file = Path(known_hosts_file).expanduser() if known_hosts_file else None
+        self.connect_timeout_s, self.run_timeout_s = connect_timeout_s, run_timeout_s
+        self.extra_options = tuple(extra_options)
+        self.ssh = ssh
+        self._resolved: dict[str, str] | None = None
+        if self.identity_file is not None and not self.identity_file.is_file():
+            raise UserError(f"SSH identity file {self.identity_file} not found")
+        if self.ssh_config is not None and not self.ssh_config.exists():
+            raise UserError(f"SSH config file {self.ssh_config} not found")
+
+    # -- the ssh command line
+    def options(self) -> list[str]:
+        opts = []
+        if self.ssh_config is not None:
+            opts += ["-F", str(self.ssh_config)]
+        for option in SSH_SAFETY:
+            opts += ["-o", option]
+        opts += ["-o", f"ConnectTimeout={max(1, round(self.connect_timeout_s))}"]
+        if self.identity_file is not None:
+            opts += ["-i", str(self.identity_file), "-o", "IdentitiesOnly=yes"]
+        if self.known_hosts_file is not None:
+            opts += ["-o", f"UserKnownHostsFile={self.known_hosts_file}"]
+        if self.port is not None:
+            opts += ["-p", str(int(self.port))]
+        if self.user is not None:
+            opts += ["-l", self.user]
+        for option in self.extra_options:
+            opts += ["-o", option]
+        return opts
+
+    def command(self, remote: str) -> list[str]:
+        return [self.ssh, *self.options(), "--", self.host, remote]
+
+    def resolved(self) -> dict[str, str]:
+        """``ssh -G``: the user, host name and port the config resolves the alias to (no network)."""
+        if self._resolved is None:
+            values = {}
+            try:
+                proc = subprocess.run([self.ssh, *self.options(), "-G", "--", self.host], capture_output=True,
+                                      text=True, timeout=10, stdin=subprocess.DEVNULL)
+                for line in proc.stdout.splitlines():
+                    key, _, value = line.partition(" ")
+                    values.setdefault(key, value)
+            except FileNotFoundError:
+                raise DeviceError(f"no `{self.ssh}` client here: install OpenSSH "
+                                  "(`apt-get install -y openssh-client`)") from None
+            except subprocess.TimeoutExpired:
+                pass
+            host = self.host.rpartition("@")[2]
+            self._resolved = {"user": values.get("user", self.user or ""),
+                              "hostname": values.get("hostname", host), "port": values.get("port", "22")}
+        return self._resolved
+
+    def describe(self) -> str:
+        r = self.resolved()
+        user = f"{r['user']}@" if r["user"] else ""
+        text = f"ssh {user}{r['hostname']}:{r['port']}"
+        alias = self.host.rpartition("@")[2]
+        return text if alias == r["hostname"] else f"{text} (alias {alias})"
+
+    # -- one remote command
+    def _ssh(self, remote: str, *, stdin_data: bytes | None = None, timeout: float, what: str,
+             keep_stdin_open: bool = False) -> subprocess.CompletedProcess:
+        """Run ``remote`` (one shell string, already quoted); transport failures become DeviceErrors.
+
+        ``keep_stdin_open``: the remote side sees end-of-file only when ssh ends, which the runner
+        watches so that it stops when we stop (interrupt, timeout, dropped link).
+        """
+        cmd = self.command(remote)
+        read_end = write_end = None
+        if keep_stdin_open:
+            read_end, write_end = os.pipe()
+        try:
+            proc = subprocess.Popen(cmd, stdin=read_end if keep_stdin_open else subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            raise DeviceError(f"no `{self.ssh}` client here: install OpenSSH "
+                              "(`apt-get install -y openssh-client`)") from None
+        finally:
+            if read_end is not None:
+                _close(read_end)
+        try:
+            out, err = proc.communicate(input=None if keep_stdin_open else (stdin_data or b""), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            raise DeviceError(f"{self.describe()}: {what} did not finish within {timeout:g} s") from None
+        except BaseException:  # Ctrl-C: stop ssh; the runner on the device sees end-of-file
+            _stop(proc)
+            raise
+        finally:
+            if write_end is not None:
+                _close(write_end)
+        result = subprocess.CompletedProcess(cmd, proc.returncode, out, err.decode("utf-8", "replace"))
+        if result.returncode == 255:
+            raise self._transport_error(result.stderr, what)
+        return result
+
+    def _transport_error(self, stderr: str, what: str) -> DeviceError:
+        r = self.resolved()
+        host, port, where = r["hostname"], r["port"], self.describe()
+        known = self.known_hosts_file or "~/.ssh/known_hosts"
+        text = " ".join(stderr.split())
+        if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text:
+            return DeviceError(f"{where}: the host key changed since it was trusted (another machine, or a "
+                               f"reinstalled one): check it, then `ssh-keygen -f {known} -R '[{host}]:{port}'`")
+        if "Host key verification failed" in text or "host key is known" in text or "No matching host key" in text:
+            return DeviceError(f"{where}: the host key is not trusted yet (not in {known}): verify its fingerprint "
+                               f"with the device, then `ssh-keyscan -p {port} {host} >> {known}`")
+        if "Permission denied" in text:
+            key = f"key {self.identity_file}" if self.identity_file else "your SSH keys / agent"
+            return DeviceError(f"{where}: authentication refused for {key} (key authentication only): add the "
+                               f"public key to the device's ~/.ssh/authorized_keys")
+        for needle, reason in (("Could not resolve hostname", "unknown host name"),
+                               ("Connection refused", "connection refused (no SSH server on that port?)"),
+                               ("timed out", "connection timed out"), ("No route to host", "no route to host"),
+                               ("Network is unreachable", "network unreachable")):
+            if needle in text:
+                return DeviceError(f"{where}: cannot connect: {reason}")
+        if any(s in text for s in ("closed by remote host", "Connection reset", "Broken pipe", "Timeout, server",
+                                   "Connection to", "Connection closed", "not responding")):
+            return DeviceError(f"{where}: the connection dropped during {what}")
+        if what == "the run":  # ssh also exits 255 when the remote process dies of a signal
+            return DeviceError(f"{where}: the runner stopped before it finished (killed on the device, "
+                               "or the connection dropped)")
+        tail = text[-300:] if text else "no message"
+        return DeviceError(f"{where}: ssh failed during {what} ({tail})")
+
+    # -- the run
+    def run(self, request: RunRequest) -> RunResult:
+        request.check()
+        t = self.connect_timeout_s + 30
+        made = self._ssh(_MKTEMP, timeout=t, what="mktemp")
+        folder = made.stdout.decode("utf-8", "replace").strip()
+        if made.returncode != 0 or not REMOTE_TMP.match(folder):
+            raise DeviceError(f"{self.describe()}: cannot make a remote temp folder "
+                              f"({(made.stderr.strip() or folder)[:200]})")
+        removed = False
+        try:
+            self._upload(folder, request, t)
+            self._run_runner(folder, request)
+            fetched = self._ssh(f"cat {shlex.quote(folder + '/' + OUTPUT_NAME)}", timeout=t + 600, what="fetch")
+            if fetched.returncode != 0:
+                raise DeviceError(f"{self.describe()}: cannot fetch the runner's output "
+                                  f"({fetched.stderr.strip()[:200]})")
+            parsed = parse_output(fetched.stdout, self.where, self.describe())
+            removed = self._remove(folder)
+            parsed.meta["remote_temp_removed"] = removed
+            return parsed
+        finally:
+            if not removed:
+                self._remove(folder)
+
+    def _upload(self, folder: str, request: RunRequest, timeout: float) -> None:
+        """One tar stream through ``ssh ... tar -x``: one connection for all three files."""
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            def add(name: str, data: bytes) -> None:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+
+            add(RUNNER_NAME, RUNNER.read_bytes())
+            add(request.model_name, Path(request.model_file).read_bytes())
+            npy = io.BytesIO()
+            np.save(npy, np.ascontiguousarray(request.inputs), allow_pickle=False)
+            add(INPUTS_NAME, npy.getvalue())
+        sent = self._ssh(f"tar -x -f - -C {shlex.quote(folder)}", stdin_data=buffer.getvalue(),
+                         timeout=timeout + 600, what="upload")
+        if sent.returncode != 0:
+            raise DeviceError(f"{self.describe()}: cannot copy the files to the device "
+                              f"({' '.join(sent.stderr.split())[:200]})")
+
+    def _run_runner(self, folder: str, request: RunRequest) -> None:
+        args = " ".join(shlex.quote(a) for a in [*request.runner_args(folder), "--exit-on-stdin-eof"])
+        remote = (f"cd {shlex.quote(folder)} && exec {shlex.quote(self.python)} "
+                  f"{shlex.quote(folder + '/' + RUNNER_NAME)} {args}")
+        proc = self._ssh(remote, timeout=self.run_timeout_s, what="the run", keep_stdin_open=True)
+        if proc.returncode == 127 or (proc.returncode != 0 and "not found" in proc.stderr
+                                      and ERROR_PREFIX not in proc.stderr):
+            raise DeviceError(f"{self.describe()}: no Python `{self.python}` on the device: install python3 "
+                              "there or set the target's python")
+        if proc.returncode != 0:
+            raise runner_failure(self.describe(), proc.returncode, proc.stderr)
+
+    def _remove(self, folder: str) -> bool:
+        """Best effort (the link may be gone): True when the remote folder is removed."""
+        if not REMOTE_TMP.match(folder):
+            return False
+        try:
+            proc = self._ssh(f"rm -rf -- {shlex.quote(folder)}", timeout=self.connect_timeout_s + 20, what="cleanup")
+        except DeviceError:
+            return False
+        return proc.returncode == 0
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    try:
+        proc.communicate(timeout=5)
+    except (subprocess.TimeoutExpired, ValueError, OSError):
+        pass

@@ -340,10 +340,12 @@ def _exit_when_stdin_closes() -> None:
     """Over SSH the runner would outlive a dropped or interrupted client (no tty, no SIGHUP):
     the client keeps our stdin open, so end-of-file means nobody is waiting for the result."""
     def watch():
+        # os.read, not sys.stdin: a daemon thread blocked inside a buffered reader aborts the
+        # interpreter's shutdown ("could not acquire lock for <stdin>")
         try:
-            while sys.stdin.buffer.read(65536):
+            while os.read(0, 65536):
                 pass
-        except (OSError, ValueError):
+        except OSError:
             pass
         os._exit(130)
 
