@@ -38,6 +38,7 @@ class SSHServer:
     root: Path
     port: int = 0
     force_command: str | None = None
+    set_tmpdir: bool = True  # off when sessions run inside another root filesystem
     user: str = field(default_factory=getpass.getuser)
     process: subprocess.Popen | None = None
 
@@ -109,8 +110,10 @@ class SSHServer:
             f"PidFile {self.root / 'sshd.pid'}", f"AuthorizedKeysFile {self.root / 'authorized_keys'}",
             "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "UsePAM no", "PermitRootLogin prohibit-password", "StrictModes no", f"AllowUsers {self.user}",
-            "Subsystem sftp internal-sftp", f"SetEnv TMPDIR={self.remote_tmp}", "LogLevel VERBOSE",
+            "Subsystem sftp internal-sftp", "LogLevel VERBOSE",
         ]
+        if self.set_tmpdir:
+            lines.append(f"SetEnv TMPDIR={self.remote_tmp}")
         if self.force_command:
             lines.append(f"ForceCommand {self.force_command}")
         (self.root / "sshd_config").write_text("\n".join(lines) + "\n")

@@ -395,3 +395,58 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.communicate(timeout=5)
     except (subprocess.TimeoutExpired, ValueError, OSError):
         pass
+
+
+# ---------------------------------------------------------------- an emulated device
+
+
+class EmulatorConnection:
+    """The runner inside the emulated device's root filesystem (QEMU user-mode under proot).
+
+    Outputs are the ARM kernels' own; latency is QEMU's (tens of times slower than the device),
+    so results carry ``meta["emulated"] = True`` and must never be shown as a device figure.
+    """
+
+    where = "emulated"
+
+    def __init__(self, device: str = "rpi4", *, cpu: str = "cortex-a72", rootfs: str | Path | None = None,
+                 timeout_s: float | None = None, python: str = "/usr/bin/python3"):
+        from ghnq_deploy.verify import emulator
+
+        self.device, self.cpu, self.timeout_s, self.python = device, cpu, timeout_s, python
+        emulator.get_device(device)
+        found = Path(rootfs) if rootfs else emulator.rootfs_path(device)
+        if found is None or not (found / "usr" / "bin").is_dir():
+            raise DeviceError(f"emulator for {device} not set up: run `ghnq-deploy emulator setup {device}`")
+        self.rootfs = found
+
+    def describe(self) -> str:
+        return f"emulated {self.device} (qemu-aarch64 {self.cpu}, proot)"
+
+    def run(self, request: RunRequest) -> RunResult:
+        from ghnq_deploy.verify import emulator
+
+        request.check()
+        guest_tmp = self.rootfs / "tmp"
+        guest_tmp.mkdir(exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="ghnq-verify.", dir=guest_tmp))
+        try:
+            stage(folder, request)
+            guest = f"/tmp/{folder.name}"
+            cmd, env = emulator.command(self.rootfs, [self.python, f"{guest}/{RUNNER_NAME}",
+                                                      *request.runner_args(guest)],
+                                        device=self.device, cwd=guest, cpu=self.cpu)
+            try:
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=self.timeout_s,
+                                      stdin=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired:
+                raise DeviceError(f"{self.describe()}: the runner did not finish within "
+                                  f"{self.timeout_s:g} s") from None
+            if proc.returncode != 0:
+                raise runner_failure(self.describe(), proc.returncode, proc.stderr)
+            result = parse_output(folder / OUTPUT_NAME, self.where, self.describe())
+            result.meta.update(emulated=True, qemu_cpu=self.cpu,
+                               latency_note="emulated (QEMU user-mode), not a device's latency")
+            return result
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
