@@ -187,3 +187,22 @@ def test_ssh_into_an_emulated_pi(prepared, tmp_path):
         assert list((prepared.rootfs / "tmp").glob("ghnq-verify.*")) == []
     finally:
         server.stop()
+
+
+def test_ci_installs_the_system_packages_only_when_a_binary_is_missing():
+    script = Path(__file__).resolve().parent.parent / ".ci" / "run"
+    env = {**os.environ, "GHNQ_CI_DRY_RUN": "1", "GHNQ_CI_VENV": "/nonexistent/ghnq-ci-venv"}
+
+    def commands(**extra):
+        proc = subprocess.run([str(script)], capture_output=True, text=True, env={**env, **extra}, timeout=60)
+        return [line[2:] for line in proc.stderr.splitlines() if line.startswith("+ ")]
+
+    missing = commands(GHNQ_CI_SYSTEM_BINARIES="sshd no-such-binary-ghnq")
+    if os.geteuid() == 0 and Path("/usr/bin/apt-get").exists():
+        apt = [c for c in missing if "apt-get" in c]
+        assert apt[0] == "apt-get update"
+        assert apt[1].endswith("apt-get install -y --no-install-recommends openssh-server openssh-client "
+                               "qemu-user-static proot debootstrap")
+        assert missing.index(apt[1]) < next(i for i, c in enumerate(missing) if "pip install" in c)
+    present = commands(GHNQ_CI_SYSTEM_BINARIES="sh")
+    assert not [c for c in present if "apt-get" in c]
