@@ -206,3 +206,21 @@ def test_ci_installs_the_system_packages_only_when_a_binary_is_missing():
         assert missing.index(apt[1]) < next(i for i, c in enumerate(missing) if "pip install" in c)
     present = commands(GHNQ_CI_SYSTEM_BINARIES="sh")
     assert not [c for c in present if "apt-get" in c]
+
+
+@pytest.mark.slow
+def test_emulated_timeout_kills_the_runner_and_cleans_up(prepared):
+    x = tflite_inputs(TINY_INT8, 8)
+    with pytest.raises(DeviceError, match="did not finish within 8 s"):
+        EmulatorConnection("rpi4", timeout_s=8).run(_req(x, timing_runs=10**7))
+    assert list((prepared.rootfs / "tmp").glob("ghnq-verify.*")) == []
+    # proot -> qemu -> python: the whole group is gone, nothing keeps running emulated
+    leftovers = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"ghnq-verify." in argv and b"device_runner.py" in argv:
+            leftovers.append(entry.name)
+    assert leftovers == []

@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -124,6 +125,30 @@ def runner_failure(connection: str, code: int, stderr: str) -> DeviceError:
     return DeviceError(f"{connection}: the runner failed with exit code {code} ({tail})")
 
 
+def run_process(cmd: list[str], *, timeout: float | None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group and kill the whole group on timeout or Ctrl-C: under
+    proot the runner is a grandchild (proot -> qemu -> python) that must not outlive us."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        _kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.communicate(timeout=5)
+    except (subprocess.TimeoutExpired, ValueError, OSError):
+        pass
+
+
 # ---------------------------------------------------------------- this host
 
 
@@ -146,8 +171,7 @@ class LocalConnection:
             stage(folder, request)
             cmd = [self.python, str(folder / RUNNER_NAME), *request.runner_args(str(folder))]
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s,
-                                      stdin=subprocess.DEVNULL)
+                proc = run_process(cmd, timeout=self.timeout_s)
             except FileNotFoundError:
                 raise DeviceError(f"{self.describe()}: Python {self.python} not found") from None
             except subprocess.TimeoutExpired:
@@ -263,6 +287,8 @@ class SSHConnection:
             proc = subprocess.Popen(cmd, stdin=read_end if keep_stdin_open else subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except FileNotFoundError:
+            if write_end is not None:
+                _close(write_end)
             raise DeviceError(f"no `{self.ssh}` client here: install OpenSSH "
                               "(`apt-get install -y openssh-client`)") from None
         finally:
@@ -437,8 +463,7 @@ class EmulatorConnection:
                                                       *request.runner_args(guest)],
                                         device=self.device, cwd=guest, cpu=self.cpu)
             try:
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=self.timeout_s,
-                                      stdin=subprocess.DEVNULL)
+                proc = run_process(cmd, env=env, timeout=self.timeout_s)
             except subprocess.TimeoutExpired:
                 raise DeviceError(f"{self.describe()}: the runner did not finish within "
                                   f"{self.timeout_s:g} s") from None

@@ -288,17 +288,20 @@ def run(args) -> dict:
     check_inputs(model, inputs)
     inputs = np.ascontiguousarray(inputs)
 
-    start = time.perf_counter()
-    raw = np.concatenate([model(inputs[i:i + args.batch]) for i in range(0, len(inputs), args.batch)])
-    wall = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        raw = np.concatenate([model(inputs[i:i + args.batch]) for i in range(0, len(inputs), args.batch)])
+        wall = time.perf_counter() - start
 
-    latency = np.empty(args.timing_runs, dtype=np.float64)
-    for i in range(args.warmup + args.timing_runs):
-        one = inputs[i % len(inputs)][None]
-        t0 = time.perf_counter()
-        model(one)
-        if i >= args.warmup:
-            latency[i - args.warmup] = (time.perf_counter() - t0) * 1000.0
+        latency = np.empty(args.timing_runs, dtype=np.float64)
+        for i in range(args.warmup + args.timing_runs):
+            one = inputs[i % len(inputs)][None]
+            t0 = time.perf_counter()
+            model(one)
+            if i >= args.warmup:
+                latency[i - args.warmup] = (time.perf_counter() - t0) * 1000.0
+    except Exception as exc:  # noqa: BLE001 - interpreter errors (e.g. a fixed batch size) as one line
+        raise RunnerError(f"{model.package} failed running {os.path.basename(args.model)}: {_first_line(exc)}") from None
 
     meta = {
         "runtime": model.package,
