@@ -98,7 +98,7 @@ def test_an_interrupted_setup_leaves_nothing_that_looks_complete(tmp_path, monke
     monkeypatch.setattr(emulator, "_install_wheels", interrupted)
     with pytest.raises(KeyboardInterrupt):
         emulator.setup("rpi4", cache_dir=tmp_path)
-    assert list(tmp_path.iterdir()) == []  # no rpi4/, no partial folder
+    assert [p.name for p in tmp_path.iterdir()] == [".rpi4.lock"]  # no rpi4/, no partial folder
     assert emulator.rootfs_path("rpi4", tmp_path) is None
     # a folder without the marker (or with another format's) is not complete either
     (tmp_path / "rpi4" / "rootfs" / "usr" / "bin").mkdir(parents=True)
@@ -106,6 +106,17 @@ def test_an_interrupted_setup_leaves_nothing_that_looks_complete(tmp_path, monke
     assert emulator.rootfs_path("rpi4", tmp_path) is None
     (tmp_path / "rpi4" / emulator.MARKER).write_text(json.dumps({"format": emulator.FORMAT - 1}))
     assert emulator.rootfs_path("rpi4", tmp_path) is None
+
+    # the next setup sweeps what a killed one left, builds aside and swaps it in with the marker
+    (tmp_path / ".rpi4.partial-killed" / "rootfs").mkdir(parents=True)
+    monkeypatch.setattr(emulator, "_install_wheels", lambda spec, rootfs, wheels: {"numpy": "1.26.4"})
+    monkeypatch.setattr(emulator, "run_inside", lambda *a, **k: subprocess.CompletedProcess(a, 0, "3.11.2 aarch64\n", ""))
+    done = emulator.setup("rpi4", cache_dir=tmp_path)
+    assert not done.reused and done.python_version == "3.11.2" and done.packages == {"numpy": "1.26.4"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".rpi4.lock", "rpi4"]
+    assert emulator.rootfs_path("rpi4", tmp_path) == tmp_path / "rpi4" / "rootfs"
+    again = emulator.setup("rpi4", cache_dir=tmp_path)
+    assert again.reused and again.seconds == done.seconds and again.size_bytes == done.size_bytes
 
 
 # ---------------------------------------------------------------- end to end (slow)

@@ -15,6 +15,8 @@ interrupted setup never leaves something that looks complete.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -314,8 +316,33 @@ def setup(device: str = "rpi4", cache_dir: str | os.PathLike | None = None, forc
             found.reused = True
             return found
     _require_system_packages()
-    start = time.perf_counter()
     final.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(final.parent / f".{device}.lock"):
+        if not force:  # another process may have finished it while we waited for the lock
+            found = read_setup(final)
+            if found is not None:
+                found.reused = True
+                return found
+        # leftovers of a setup that was killed outright (SIGKILL / SIGTERM skip our cleanup)
+        for stale in [*final.parent.glob(f".{device}.partial-*"), *final.parent.glob(f".{device}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        return _build(spec, final)
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    """One setup per device at a time (CI jobs sharing a cache folder)."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(spec: EmulatedDevice, final: Path) -> EmulatorSetup:
+    device = spec.name
+    start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=f".{device}.partial-", dir=final.parent))
     try:
         rootfs = work / "rootfs"
