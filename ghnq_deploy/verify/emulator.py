@@ -349,7 +349,7 @@ def _build(spec: EmulatedDevice, final: Path) -> EmulatorSetup:
         _debootstrap(spec, rootfs)
         _unpack_debs(rootfs)
         packages = _install_wheels(spec, rootfs, work / "wheels")
-        shutil.rmtree(work / "wheels")
+        shutil.rmtree(work / "wheels", ignore_errors=True)
         (work / "cpuinfo").write_text(cpuinfo_text(spec))
         probe = run_inside(rootfs, ["/usr/bin/python3", "-c",
                                     "import platform, numpy, ai_edge_litert.interpreter; "
