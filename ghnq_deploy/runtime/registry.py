@@ -72,6 +72,6 @@ register(Runtime("tflite-runtime", "tflite", ("tflite-runtime",), _TFLITE_KERNEL
                  "tflite-runtime Interpreter (the pre-LiteRT package, for devices with numpy < 2)", "tflite-runtime"))
 register(Runtime("tflite-auto", "tflite", ("ai-edge-litert", "tflite-runtime"), _TFLITE_KERNELS,
                  "whichever TFLite interpreter the device has (ai-edge-litert first, then tflite-runtime)", "auto"))
-register(Runtime("onnxruntime", "onnx", ("onnxruntime",), ("default",),
+register(Runtime("onnxruntime", "onnx", ("onnxruntime",), ("builtin", "reference"),
                  "ONNX Runtime, CPU execution provider (QDQ graphs run as fused integer kernels)", "onnxruntime",
                  _ort_run))
