@@ -92,7 +92,8 @@ def test_readme_has_the_two_commands():
     assert len(blocks) == 2
     install, tests = blocks
     assert "\n" not in install and "\n" not in tests  # one copy-paste line each
-    assert "pip install" in install and install.endswith("ghnq-deploy predict examples/resnet20.json && ghnq-deploy export --target tflite-int8")
+    assert "pip install" in install and install.endswith("ghnq-deploy predict examples/resnet20.json && ghnq-deploy export --target tflite-int8 "
+                                                   "&& ghnq-deploy verify --device rpi4")
     assert tests.endswith(TEST_COMMAND) and '".[test]"' in tests
     assert (ROOT / "examples" / "resnet20.json").is_file()
     if ".venv" in install:

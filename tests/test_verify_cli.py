@@ -1,0 +1,132 @@
+"""`ghnq-deploy verify` end to end: predict -> (export run by verify) -> verify on host targets, SSH, --json, --max-gap."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sshd import ALIAS, SSHD, SSHServer  # noqa: E402
+
+STAGES = ("float_top1", "paper_sim_top1", "target_sim_top1", "real_top1")
+
+
+def cli(args: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from ghnq_deploy.cli import main; main()", *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("ws")
+    env = {**os.environ, "GHNQ_WORKSPACE": str(ws), "OMP_NUM_THREADS": "1"}
+    done = cli(["predict", str(ROOT / "examples" / "resnet20.json")], env)
+    assert done.returncode == 0, done.stderr
+    return ws, env
+
+
+@pytest.fixture(scope="module")
+def report(run):
+    ws, env = run
+    done = cli(["verify", "-d", "x86-litert", "-d", "litert-ref", "--bits", "w8a8,w4a8,w2a2", "--limit-images", "200",
+                "--timing-runs", "5", "--json"], env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout), done
+
+
+def test_json_report_has_every_stage_and_provenance(report, run):
+    rep, done = report
+    ws, _ = run
+    assert rep["complete"] and rep["images"]["count"] == 200
+    rows = {(r["target"], r["bits"]): r for r in rep["rows"]}
+    assert set(rows) == {(t, b) for t in ("x86-litert", "litert-ref") for b in ("w8a8", "w4a8", "w2a2")}
+    for (target, bits), r in rows.items():
+        if bits == "w2a2":
+            assert r["real"] is False and "simulation only" in r["note"] and r["paper_sim_top1"] is not None
+            continue
+        assert all(0 <= r[k] <= 100 for k in STAGES)
+        assert r["delta_top1_pt"] == pytest.approx(r["real_top1"] - r["target_sim_top1"])
+        s = r["sim_vs_real"]
+        assert 0 <= s["exact_ties"] <= s["near_ties"] <= 100 and abs(sum(s["step_histogram"].values()) - 1) < 1e-9
+        assert r["device"]["kernels"] == {"x86-litert": "xnnpack", "litert-ref": "reference"}[target]
+        assert r["device"]["threads"] == 1 and r["device"]["runtime"] == "ai-edge-litert"
+        assert r["latency"]["runs"] == 5 and r["latency"]["p50_ms"] > 0
+        assert r["float_file"]["bytes"] > r["file"]["bytes"] and r["size_ratio"] > 2
+        assert r["scheme_check"]["ok"], r["scheme_check"]
+        assert r["where"] == "this host"
+    # W4A8 is real: an int8 file holding only 4-bit levels, exported by verify itself
+    w4 = json.loads((ws / "resnet20" / "export" / "tflite-int8-w4a8" / "manifest.json").read_text())
+    assert w4["weights"]["weight_int_range"] == [-7, 7] and w4["weights"]["bits"] == "w4a8"
+    assert any("ran `ghnq-deploy export --target tflite-int8 --bits w4a8`" in n for n in rep["notes"])
+    for device in ("x86-litert", "litert-ref"):
+        folder = ws / "resnet20" / "verify" / device
+        on_disk = json.loads((folder / "report.json").read_text())
+        assert {r["target"] for r in on_disk["rows"]} == {device}
+        assert (folder / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tensorflow" not in done.stderr.lower()
+
+
+def test_reference_kernels_stay_close_to_the_simulation(report):
+    rep, _ = report
+    for r in rep["rows"]:
+        if r.get("real"):
+            s = r["sim_vs_real"]
+            assert s["within_one_step"] >= 0.95, (r["target"], r["bits"], s)
+            assert s["clear_margin_agreement"] is None or s["clear_margin_agreement"] >= 95
+
+
+def test_max_gap_exit_codes(report, run):
+    rep, _ = report
+    ws, env = run
+    worst = max(abs(r["delta_top1_pt"]) for r in rep["rows"] if r.get("real") and r["target"] == "x86-litert")
+    common = ["verify", "-d", "x86-litert", "--bits", "w8a8,w4a8", "--limit-images", "200", "--timing-runs", "2"]
+    assert cli(common + ["--max-gap", "100"], env).returncode == 0
+    gated = cli(common + ["--max-gap", "0"], env)
+    assert gated.returncode == (1 if worst > 0 else 0), gated.stderr
+    bad = cli(common + ["--max-gap", "-1"], env)
+    assert bad.returncode == 2
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--device", "nope"], "unknown target 'nope'"),
+    (["--bits", "w8a8,w8a8"], "distinct bit-widths"),
+    (["--bits", "fp32"], "fp32 is the float stage"),
+    (["-d", "x86-litert", "--emulator", "qemu"], "declares no [emulation]"),
+    (["-d", "x86-litert", "--host", "pi@x"], "runs on this host"),
+    (["--model", "/nonexistent/model.pt"], "no such model"),
+])
+def test_usage_errors_are_one_line(run, args, expect):
+    _, env = run
+    done = cli(["verify", "--limit-images", "10", *args], env)
+    assert done.returncode == 2 and expect in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().count("\n") == 0 or done.stderr.strip().startswith("error:")
+
+
+@pytest.mark.skipif(SSHD is None, reason="no OpenSSH server (apt-get install -y openssh-server)")
+def test_verify_over_ssh_through_an_alias(run, tmp_path):
+    ws, env = run
+    srv = SSHServer(tmp_path / "sshd").start()
+    try:
+        doc = tomllib.loads((ROOT / "ghnq_deploy" / "targets" / "rpi4.toml").read_text())
+        text = (ROOT / "ghnq_deploy" / "targets" / "rpi4.toml").read_text()
+        text = text.replace('name = "rpi4"', 'name = "ssh-box"').replace(
+            'python = "python3"', f'python = "{sys.executable}"').replace('threads = 4', 'threads = 1')
+        target = tmp_path / "ssh-box.toml"
+        target.write_text(text)
+        assert doc["connection"]["python"] == "python3"
+        done = cli(["verify", "-d", "ssh-box", "--target-file", str(target), "--host", ALIAS, "--ssh-config",
+                    str(srv.ssh_config), "--limit-images", "50", "--timing-runs", "2", "--json"], env)
+        assert done.returncode == 0, done.stderr
+        row = json.loads(done.stdout)["rows"][0]
+        assert row["where"].endswith("over SSH") and row["device"]["where"] == "ssh"
+        assert row["device"]["remote_temp_removed"] is True
+        assert list(srv.remote_tmp.glob("ghnq-verify.*")) == []
+    finally:
+        srv.stop()
