@@ -13,6 +13,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ghnq_deploy import __version__
 from ghnq_deploy.errors import UserError
@@ -41,10 +42,27 @@ def _root(
     """ghnq-deploy: predicted-parameter CNNs, from arch.json to an integer model on a device."""
 
 
+def one_line(message: str) -> str:
+    """The message as one printable line: newlines folded, lone surrogates escaped.
+
+    Paths from the file system and names from a JSON file may hold surrogates, which no
+    terminal encoding can print; an error must never fail while being reported.
+    """
+    text = " ".join(str(message).split())
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print one error line and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def _usage_line(exc: Exception) -> str:
+    """A click-style usage error as one line, with the help command as the hint."""
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return exc.format_message() + hint
 
 
 def _load_commands() -> None:
@@ -73,7 +91,9 @@ def main() -> None:
         # click's ClickException before typer 0.29, typer's own vendored copy since: both
         # carry show() and exit_code, and typer no longer depends on click
         show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
-        if callable(show) and isinstance(code, int):
-            show()
+        if type(exc).__name__ == "NoArgsIsHelpError" and callable(show):
+            show()  # the help page itself, asked for by giving no arguments
             raise SystemExit(code) from None
+        if callable(getattr(exc, "format_message", None)) and isinstance(code, int):
+            raise SystemExit(fail(_usage_line(exc), code).exit_code) from None
         raise
