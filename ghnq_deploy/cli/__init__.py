@@ -7,9 +7,14 @@ red line on stderr with exit code 2 (never a traceback).
 
 from __future__ import annotations
 
+import enum
 import importlib
+import inspect
 import pkgutil
 import sys
+import types
+import typing
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -65,15 +70,56 @@ def _usage_line(exc: Exception) -> str:
     return exc.format_message() + hint
 
 
+_WORDS = {bool: "", int: "INTEGER", float: "FLOAT", str: "TEXT", Path: "PATH"}
+
+
+def _metavar(annotation: object) -> str | None:
+    """The click-style word for a parameter type (``INTEGER``, ``PATH``, ``PATH...``); '' for a flag."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        return _metavar(rest[0]) if len(rest) == 1 else None
+    if origin is list and args:
+        word = _metavar(args[0])
+        return f"{word}..." if word else None
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "[" + "|".join(str(m.value) for m in annotation) + "]"
+    return _WORDS.get(annotation)
+
+
+def _plain_help(typer_app: typer.Typer) -> None:
+    """Help pages as a well-made click app shows them: flags without a value placeholder, types as
+    words, argument names in capitals (typer 0.29's default shows ``<bool>``, ``<list[Path]>``, ``{arch}``).
+    """
+    for command in typer_app.registered_commands:
+        if command.callback is None:
+            continue
+        hints = typing.get_type_hints(command.callback)
+        for name, param in inspect.signature(command.callback).parameters.items():
+            info = param.default
+            if not isinstance(info, (typer.models.OptionInfo, typer.models.ArgumentInfo)) or info.metavar is not None:
+                continue
+            if isinstance(info, typer.models.ArgumentInfo):
+                info.metavar = name.upper()  # typer adds "..." for lists itself
+                continue
+            word = _metavar(hints.get(name))
+            if word is not None:
+                info.metavar = word
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _plain_help(group.typer_instance)
+
+
 def _load_commands() -> None:
     for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         importlib.import_module(f"{__name__}.{module.name}")
+    _plain_help(app)
 
 
 def main() -> None:
     _load_commands()
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="ghnq-deploy", standalone_mode=False)
         if isinstance(code, int) and code:
             raise SystemExit(code)
     except UserError as exc:
