@@ -117,7 +117,7 @@ def test_sample_is_byte_identical_per_seed(cli, tmp_path: Path):
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["--split", "nope", "-n", "2", "-o", "X"], "unknown split 'nope'; choose from id-train"),
-    (["--split", "id-test", "-n", "0", "-o", "X"], "-n must be at least 1, got 0"),
+    (["--split", "id-test", "-n", "0", "-o", "X"], "Invalid value for '-n' / '--count': Input should be greater than or equal to 1"),
 ])
 def test_sample_bad_input(cli, tmp_path: Path, args, needle):
     args = [str(tmp_path / "x") if a == "X" else a for a in args]
@@ -153,7 +153,7 @@ def test_import_torchvision_above_cap(cli, tmp_path: Path):
 @pytest.mark.parametrize(("args", "needle"), [
     (["torchvision:resnet18", "--input", "3x32"], "--input must look like 3x32x32"),
     (["torchvision:resnet1"], "unknown torchvision classification model 'resnet1'"),
-    (["torchvision:resnet18", "--num-classes", "1"], "--num-classes must be at least 2, got 1"),
+    (["torchvision:resnet18", "--num-classes", "1"], "Invalid value for '--num-classes': Input should be greater than or equal to 2"),
 ])
 def test_import_bad_input(cli, args, needle):
     code, _, err = cli("arch", "import", *args)

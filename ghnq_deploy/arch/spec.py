@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ from ghnq_deploy.errors import UserError
 INPUT_ID = "input"
 DEFAULT_PARAM_CAP = 10**7
 _ID_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+NAME_MAX = 100
+# A spec name becomes a folder name (run folders, export files) on every OS: portable characters only.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+MAX_SPEC_BYTES = 16 * 2**20  # far above any real spec (a 10^7-parameter net is a few KB of JSON)
+MAX_JSON_DEPTH = 64  # arch.json needs 4 levels; deeper input is refused before the parser recurses
 
 # op -> {attribute: (python type, default)}; a default of REQUIRED must be given.
 REQUIRED = object()
@@ -141,6 +147,83 @@ def _check_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_name(name: Any, source: str = "<spec>") -> None:
+    """Refuse a name that cannot be a folder name everywhere (docs/arch-spec.md, "Names")."""
+    rule = (f"'name' must be a non-empty string usable as a folder name: 1-{NAME_MAX} ASCII letters, digits, "
+            "'.', '_', '+' or '-', starting with a letter or digit")
+    if not isinstance(name, str):
+        raise _fail(source, f"{rule}; got a {type(name).__name__}")
+    if len(name) > NAME_MAX:
+        raise _fail(source, f"{rule}; got {len(name):,} characters")
+    if not NAME_PATTERN.fullmatch(name):
+        raise _fail(source, f"{rule}; got {ascii(name)}")
+
+
+def _depth_ok(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Bracket nesting of ``text`` (outside strings) stays within ``limit``: no RecursionError later."""
+    if text.count("[") + text.count("{") <= limit:
+        return True
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def _has_surrogate(value: Any) -> bool:
+    """A lone UTF-16 surrogate (JSON allows the escape \\ud800) in any key or string value."""
+    if isinstance(value, str):
+        return any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
+
+
+def decode_json(raw: bytes, source: str) -> Any:
+    """Bytes of an arch.json to Python objects; every way it can be malformed is one ArchError."""
+    if len(raw) > MAX_SPEC_BYTES:
+        raise ArchError(f"{source}: {len(raw):,} bytes is too large for an arch.json (at most {MAX_SPEC_BYTES:,})")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        hint = " (it looks like UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:4] else ""
+        raise ArchError(f"{source}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start}{hint}; "
+                        "arch.json must be UTF-8 JSON") from None
+    if not _depth_ok(text):
+        raise ArchError(f"{source}: JSON nested deeper than {MAX_JSON_DEPTH} levels; an arch.json needs 4")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArchError(f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except ValueError as exc:  # Python refuses integer literals past its int-string limit
+        if "integer string conversion" not in str(exc):
+            raise ArchError(f"{source}: invalid JSON ({' '.join(str(exc).split())[:160]})") from None
+        raise ArchError(f"{source}: an integer has more than {sys.get_int_max_str_digits()} digits; "
+                        "no arch.json value is that large") from None
+    except RecursionError:
+        raise ArchError(f"{source}: JSON nested too deeply to read") from None
+    if _has_surrogate(data):
+        raise ArchError(f"{source}: a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), not text")
+    return data
+
+
 def parse_spec(data: Any, source: str = "<spec>") -> ArchSpec:
     """Turn decoded JSON into an ArchSpec, checking types and names (not the graph)."""
     if not isinstance(data, dict):
@@ -152,9 +235,8 @@ def parse_spec(data: Any, source: str = "<spec>") -> ArchSpec:
     for key in ("name", "input_shape", "num_classes", "nodes"):
         if key not in data:
             raise _fail(source, f"missing top-level key '{key}'")
+    check_name(data["name"], source)
     name = data["name"]
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise _fail(source, "'name' must be a non-empty string usable as a folder name")
     shape = data["input_shape"]
     if not (isinstance(shape, list) and len(shape) == 3 and all(_check_int(v) and v > 0 for v in shape)):
         raise _fail(source, "'input_shape' must be [C, H, W] with positive integers")
@@ -220,13 +302,13 @@ def load_info(path: str | Path, param_cap: int = DEFAULT_PARAM_CAP) -> ArchInfo:
     """:func:`load_spec`, keeping the analysis (shapes, params, MACs) instead of redoing it."""
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.is_file() and path.stat().st_size > MAX_SPEC_BYTES:
+            raise ArchError(f"{path}: {path.stat().st_size:,} bytes is too large for an arch.json "
+                            f"(at most {MAX_SPEC_BYTES:,})")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ArchError(f"{path}: cannot read file ({exc.strerror or exc})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ArchError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    data = decode_json(raw, str(path))
     return analyze(parse_spec(data, str(path)), param_cap=param_cap)
 
 

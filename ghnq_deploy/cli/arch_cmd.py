@@ -17,7 +17,9 @@ from rich.table import Table
 
 from ghnq_deploy.arch.spec import DEFAULT_PARAM_CAP, ArchInfo, ArchSpec, analyze, load_info, save_spec
 from ghnq_deploy.cli import app, console, fail
+from ghnq_deploy.cli.ghn_cmd import SEED_MAX
 from ghnq_deploy.errors import UserError
+from ghnq_deploy.workspace import check_free_space, check_output_dir, check_output_file
 
 arch_app = typer.Typer(
     help="Inspect, validate, sample and import architectures (arch.json, see docs/arch-spec.md).",
@@ -25,6 +27,8 @@ arch_app = typer.Typer(
 )
 app.add_typer(arch_app, name="arch")
 
+SAMPLE_MAX = 100_000  # one call; the splits are seeded, so more come from further --seed values
+SAMPLE_BYTES_PER_SPEC = 64 * 1024  # a generous upper bound of one sampled spec's JSON
 _CAP_HELP = "Largest allowed parameter count (the GHN-Q architecture space caps nets at 10^7)."
 
 
@@ -124,9 +128,9 @@ def validate(
 @arch_app.command("sample")
 def sample(
     split: str = typer.Option(..., "--split", help="id-train, id-test, ood-deep, ood-wide, ood-bnfree or ood-mobilenet."),
-    n: int = typer.Option(10, "-n", "--count", help="How many architectures to write."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed: the same seed gives byte-identical files."),
-    out: Path = typer.Option(..., "-o", "--out", help="Folder to write <name>.json files into (created if missing)."),
+    n: int = typer.Option(10, "-n", "--count", min=1, max=SAMPLE_MAX, help="How many architectures to write."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Sampling seed: the same seed gives byte-identical files."),
+    out: Path = typer.Option(..., "-o", "--output", "--out", help="Folder to write <name>.json files into (created if missing; --out is the old spelling)."),
 ) -> None:
     """Sample architectures of one split of the architecture space (docs/architecture-space.md)."""
     from ghnq_deploy.arch.sampler import SPLITS, sample_arch
@@ -135,8 +139,8 @@ def sample(
         raise UserError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     if n < 1:
         raise UserError(f"-n must be at least 1, got {n}")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder")
+    check_output_dir(out)
+    check_free_space(out, n * SAMPLE_BYTES_PER_SPEC, f"{n:,} specs")
     for index in range(n):
         spec = sample_arch(split, seed, index)
         save_spec(spec, out / f"{spec.name}.json")
@@ -147,9 +151,9 @@ def sample(
 def import_(
     source: str = typer.Argument(..., help="torchvision:<model> (random weights, nothing downloaded), "
                                            "<package.module>:<factory> or <file.py>:<factory>."),
-    num_classes: int = typer.Option(10, "--num-classes", help="Classes passed to the factory and required of the output."),
+    num_classes: int = typer.Option(10, "--num-classes", min=2, max=100_000, help="Classes passed to the factory and required of the output."),
     input_shape: str = typer.Option("3x32x32", "--input", help="Input size CxHxW used to trace the model."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Where to write the arch.json (default: print it)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--output", "--out", help="Where to write the arch.json (default: print it; --out is the old spelling)."),
     name: Optional[str] = typer.Option(None, "--name", help="Spec name (default: the factory name)."),
     param_cap: Optional[int] = typer.Option(None, "--param-cap", help="Refuse models above this many parameters (default: no cap)."),
 ) -> None:
@@ -157,6 +161,8 @@ def import_(
     from ghnq_deploy.arch.importer import import_model, resolve_source, source_name
 
     shape = parse_input_shape(input_shape)
+    if out is not None:
+        check_output_file(out)
     if num_classes < 2:
         raise UserError(f"--num-classes must be at least 2, got {num_classes}")
     module = resolve_source(source, num_classes)

@@ -55,8 +55,8 @@ def _arch_files(path: Path) -> list[Path]:
 def evaluate(
     paths: Optional[list[Path]] = typer.Argument(None, help="arch.json files or folders of them (split 'files')."),
     split: Optional[list[str]] = typer.Option(None, "--split", help="Sample nets from this split (repeatable)."),
-    n: int = typer.Option(100, "-n", "--n", help="Nets per split."),
-    seed: int = typer.Option(0, help="Sampler seed for --split / --table1."),
+    n: int = typer.Option(100, "-n", "--count", min=1, max=100_000, help="Nets per split."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Sampler seed for --split / --table1."),
     table1: bool = typer.Option(False, "--table1", help="All paper splits: id-test, ood-deep, ood-wide, ood-bnfree."),
     bits: str = typer.Option(_BITS_DEFAULT, help="Comma-separated bit-widths: fp32 or wNaM (N, M in 2..8)."),
     scheme: str = typer.Option("paper", help="Quantization scheme preset: paper, tflite-int8, tflite-int8-qat or "
@@ -64,15 +64,14 @@ def evaluate(
     bn: str = typer.Option("batch", help="BatchNorm: 'batch' (paper: statistics of each test batch) or 'running' "
                                          "(calibrated on CIFAR-10 train images, folded once)."),
     checkpoint: str = typer.Option("default", help="GHN checkpoint: 'default', 'qat' or a file."),
-    limit_images: Optional[int] = typer.Option(None, help="Evaluate only the first N test images of the fixed order."),
-    batch_size: int = typer.Option(64, help="Test batch size (the paper uses 64; it sets the BN statistics)."),
-    order_seed: int = typer.Option(0, help="Seed of the fixed test-order permutation (the test file is class-sorted)."),
-    meta_batch: int = typer.Option(8, help="Nets per GHN forward pass."),
-    predict_seed: int = typer.Option(0, help="Seed passed to the GHN prediction."),
-    calibration_images: int = typer.Option(512, help="CIFAR-10 train images for calibrated ranges / --bn running."),
+    limit_images: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N test images of the fixed order."),
+    batch_size: int = typer.Option(64, min=1, max=65_536, help="Test batch size (the paper uses 64; it sets the BN statistics)."),
+    order_seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the fixed test-order permutation (the test file is class-sorted)."),
+    meta_batch: int = typer.Option(8, min=1, max=4096, help="Nets per GHN forward pass."),
+    calibration_images: int = typer.Option(512, min=1, help="CIFAR-10 train images for calibrated ranges / --bn running."),
     data: Optional[str] = typer.Option(None, help="CIFAR-10 folder (npz copy or cifar-10-batches-py)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write evaluation.json, per_network.csv, table1.md, PNG."),
-    threads: Optional[int] = typer.Option(None, help="torch intra-op threads (use 1 on a machine shared with a job)."),
+    out: Optional[Path] = typer.Option(None, "--output", "-o", "--out", help="Folder for evaluation.json, per_network.csv, table1.md, PNG (--out is the old spelling)."),
+    threads: Optional[int] = typer.Option(None, min=1, max=1024, help="torch intra-op threads (use 1 on a machine shared with a job)."),
     as_json: bool = typer.Option(False, "--json", help="Print the aggregates as JSON instead of the table."),
 ) -> None:
     """Predict parameters with GHN-Q and report float vs quantized CIFAR-10 accuracy (paper Table 1)."""
@@ -86,10 +85,14 @@ def evaluate(
 
     cfg = EvalConfig(
         bits=tuple(b.strip().lower() for b in bits.split(",") if b.strip()), scheme=scheme, bn=bn,
-        batch_size=batch_size, limit_images=limit_images, order_seed=order_seed, predict_seed=predict_seed,
+        batch_size=batch_size, limit_images=limit_images, order_seed=order_seed,
         meta_batch=meta_batch, calibration_images=calibration_images, data=data,
     )
     cfg.validate()
+    if out is not None:
+        from ghnq_deploy.workspace import check_output_dir
+
+        check_output_dir(out)
     if threads is not None and threads < 1:
         raise EvalError(f"--threads must be at least 1, got {threads}")
     splits = list(split or [])

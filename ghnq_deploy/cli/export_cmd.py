@@ -7,6 +7,7 @@ parse options, call the library, print rich tables (or ``--json`` for scripts).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +15,9 @@ import typer
 from rich.table import Table
 
 from ghnq_deploy.cli import app, console
+from ghnq_deploy.cli.ghn_cmd import SEED_MAX
 from ghnq_deploy.errors import UserError
+from ghnq_deploy.workspace import check_export_folder, check_output_dir, check_output_file, check_workspace
 
 calibration_app = typer.Typer(help="Build, check and describe calibration / evaluation image sets (uint8 .npz).",
                               no_args_is_help=True)
@@ -95,12 +98,12 @@ def export_command(
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration .npz (uint8 NHWC x, y); default: the shipped 1,000 CIFAR-10 train images."),
     calibration_method: Optional[str] = typer.Option(None, "--calibration-method", help="onnx-int8 activation ranges: minmax (default), entropy or percentile."),
     eval_set: Optional[str] = typer.Option(None, "--eval-set", help="Evaluation .npz; default: the shipped 2,000 CIFAR-10 test (JPEG copy) images."),
-    eval_count: Optional[int] = typer.Option(None, "--eval-count", help="Evaluate on the first N images of the evaluation set only."),
+    eval_count: Optional[int] = typer.Option(None, "--eval-count", min=1, help="Evaluate on the first N images of the evaluation set only."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the accuracy measurement after export."),
     resolver: Optional[str] = typer.Option(None, "--resolver", help="LiteRT kernels for the TFLite evaluation: xnnpack (default), builtin or reference."),
     bits: Optional[str] = typer.Option(None, "--bits", help="int8 targets: w8a8 (default) or w4a8 (an int8 file whose weights use only the 4-bit per-channel levels; folder export/<target>-w4a8)."),
-    parity_tolerance: float = typer.Option(1e-4, "--parity-tolerance", help="onnx / tflite: refuse the file if its logits differ from torch's by more than this (max abs)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out-dir", "-o", help="Output folder (default: <run>/export/<target>)."),
+    parity_tolerance: float = typer.Option(1e-4, "--parity-tolerance", min=0.0, help="onnx / tflite: refuse the file if its logits differ from torch's by more than this (max abs)."),
+    out_dir: Optional[Path] = typer.Option(None, "--output", "-o", "--out-dir", help="Output folder (default: <run>/export/<target>); --out-dir is the old spelling."),
     workspace: Optional[Path] = typer.Option(None, "--workspace", help="Workspace folder (default ./ghnq-runs or $GHNQ_WORKSPACE)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON instead of tables."),
 ) -> None:
@@ -115,7 +118,13 @@ def export_command(
         raise UserError(f"--resolver {resolver!r} is not one of {', '.join(RESOLVERS)}")
     if eval_count is not None and eval_count < 1:
         raise UserError(f"--eval-count must be at least 1, got {eval_count}")
+    if not math.isfinite(parity_tolerance):
+        raise UserError(f"--parity-tolerance must be a finite number >= 0, got {parity_tolerance}")
+    if workspace is not None:
+        check_workspace(workspace)
     model_path = resolve_model(model, workspace)
+    check_output_dir(out_dir if out_dir is not None else model_path.parent / "export" / target)
+    check_export_folder(out_dir, target)
     if as_json:
         result = export(model_path, target, calibration=calibration, out_dir=out_dir,
                         calibration_method=calibration_method, eval_set=eval_set, eval_count=eval_count,
@@ -136,14 +145,15 @@ def export_command(
 def calibration_build(
     data: Optional[str] = typer.Option(None, "--data", help="CIFAR-10 folder (npz copy or cifar-10-batches-py); default: $GHNQ_CIFAR10 or a known place."),
     n: int = typer.Option(1000, "-n", "--count", help="Images to draw (class-balanced: n/10 per class)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the draw: the same seed and data give a byte-identical file."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output .npz file."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed of the draw: the same seed and data give a byte-identical file."),
+    out: Path = typer.Option(..., "-o", "--output", "--out", help="Output .npz file (--out is the old spelling)."),
     split: str = typer.Option("train", "--split", help="train (calibration) or test (evaluation); also val, train-all."),
     as_json: bool = typer.Option(False, "--json", help="Print the file's description as JSON."),
 ) -> None:
     """Draw a seeded, class-balanced image set from CIFAR-10 and save it as a compressed uint8 .npz."""
     from ghnq_deploy.calibration import build_and_save, describe_file
 
+    check_output_file(out)
     build_and_save(data, n, seed, split, out)
     info = describe_file(out)
     if as_json:
@@ -173,7 +183,7 @@ def calibration_check(
 @calibration_app.command("manifest")
 def calibration_manifest(
     files: list[Path] = typer.Argument(..., help="The image-set .npz files to list."),
-    out: Path = typer.Option(..., "-o", "--out", help="manifest.json to write (e.g. calibration/manifest.json)."),
+    out: Path = typer.Option(..., "-o", "--output", "--out", help="manifest.json to write (e.g. calibration/manifest.json; --out is the old spelling)."),
 ) -> None:
     """Write a manifest (source, count, seed, preprocessing, SHA-256 per file) for shipped image sets."""
     from ghnq_deploy.calibration import describe_file

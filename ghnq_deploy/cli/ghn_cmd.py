@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -18,9 +20,18 @@ from ghnq_deploy.ghn.checkpoint import load_ghn_checkpoint
 from ghnq_deploy.ghn.model import BIT_OPTIONS
 from ghnq_deploy.io import atomic_write_text
 from ghnq_deploy.quant.scheme import PRESETS, QuantSchemeError
-from ghnq_deploy.workspace import run_dir, set_current
+from ghnq_deploy.workspace import check_output_file, check_unique_names, check_workspace, run_dir, set_current
 
 _THREADS_HELP = "torch intra-op threads (use 1 on a machine shared with a job)."
+_MAX_THREADS = 1024
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding and most tools take 32-bit seeds
+
+
+class Device(str, Enum):
+    """Where ``train`` runs (torchrun picks the CUDA device of each rank)."""
+
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 def _check_threads(threads: int | None) -> None:
@@ -50,14 +61,16 @@ def predict(
     arch: Path = typer.Argument(..., help="An arch.json file, or a folder of them (predicted in meta-batches)."),
     checkpoint: str = typer.Option("default", help="GHN checkpoint: 'default', 'qat' or a file."),
     bits: str = typer.Option("fp32", help=f"Target bit-width for bit-conditioned GHNs ({', '.join(BIT_OPTIONS)})."),
-    seed: int = typer.Option(0, help="Seed; the same seed gives bit-identical parameters."),
     workspace: Optional[Path] = typer.Option(None, help="Workspace folder (default ./ghnq-runs or $GHNQ_WORKSPACE)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write one model file here instead of a run folder."),
-    meta_batch: int = typer.Option(16, help="Nets per GHN forward pass when predicting a folder."),
-    threads: Optional[int] = typer.Option(None, help=_THREADS_HELP),
+    meta_batch: int = typer.Option(16, min=1, max=4096, help="Nets per GHN forward pass when predicting a folder."),
+    threads: Optional[int] = typer.Option(None, min=1, max=_MAX_THREADS, help=_THREADS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
 ) -> None:
-    """Predict all parameters of the net(s) in ARCH with GHN-Q, in one forward pass per meta-batch."""
+    """Predict all parameters of the net(s) in ARCH with GHN-Q, in one forward pass per meta-batch.
+
+    Prediction is deterministic: the same spec and checkpoint always give bit-identical parameters.
+    """
     from ghnq_deploy.ghn.predict import predict as run_predict, save_predicted
 
     if bits not in BIT_OPTIONS:
@@ -67,12 +80,17 @@ def predict(
     if output is not None and len(files) > 1:
         raise ArchError("--output takes a single arch file; use --workspace for a folder")
     specs = [load_spec(f) for f in files]
+    check_unique_names(specs)
+    if output is not None:
+        check_output_file(output)
+    else:
+        check_workspace(workspace)
     _set_threads(threads)
     ghn, info = load_ghn_checkpoint(checkpoint)
     rows = []
     for start in range(0, len(specs), max(1, meta_batch)):
         chunk = specs[start:start + meta_batch]
-        for model in run_predict(ghn, chunk, bits=bits, seed=seed, ghn_info=info):
+        for model in run_predict(ghn, chunk, bits=bits, ghn_info=info):
             if output is not None:
                 target = output
             else:
@@ -83,7 +101,7 @@ def predict(
             params = sum(v.numel() for k, v in model.state_dict.items() if "running" not in k and "num_batches" not in k)
             row = {"name": model.spec.name, "params": params, "graph_nodes": model.meta["graph_nodes"],
                    "ms": round(1000 * model.meta["seconds_total"], 2), "model": str(target),
-                   "checkpoint": info["path"], "checkpoint_sha256": info["sha256"], "seed": seed, "bits": model.meta["bits"]}
+                   "checkpoint": info["path"], "checkpoint_sha256": info["sha256"], "bits": model.meta["bits"]}
             if output is None:
                 atomic_write_text(target.parent / "predict.json", json.dumps(row, indent=1) + "\n")
                 set_current(target.parent)
@@ -91,7 +109,7 @@ def predict(
     if as_json:
         console.print_json(json.dumps(rows if len(rows) > 1 else rows[0]))
         return
-    table = Table(title=f"GHN-Q predictions ({Path(info['path']).name}, seed {seed})")
+    table = Table(title=f"GHN-Q predictions ({Path(info['path']).name})")
     for col in ("net", "params", "graph nodes", "ms / net", "written to"):
         table.add_column(col, justify="right" if col in ("params", "graph nodes", "ms / net") else "left")
     for r in rows:
@@ -103,17 +121,17 @@ def predict(
 
 @app.command()
 def train(
-    out_dir: Path = typer.Option(Path("ghnq-train"), help="Run folder: checkpoints, JSONL log, config."),
+    out_dir: Path = typer.Option(Path("ghnq-train"), "--output", "-o", "--out-dir", help="Run folder: checkpoints, JSONL log, config (--out-dir is the old spelling)."),
     data: Optional[str] = typer.Option(None, help="CIFAR-10 folder (npz copy or cifar-10-batches-py) or an x/y .npz."),
-    epochs: float = typer.Option(1.0, help="Epochs over the 45k training images."),
-    steps: Optional[int] = typer.Option(None, help="Total steps (overrides --epochs)."),
-    batch_size: int = typer.Option(32, help="Images per step (shared by every net of the meta-batch)."),
-    meta_batch: int = typer.Option(4, help="Architectures per step."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate (x0.1 at --lr-decay-at of the run)."),
-    weight_decay: float = typer.Option(1e-5, help="Adam weight decay."),
-    lr_decay_at: float = typer.Option(0.75, help="Fraction of the run after which lr is multiplied by 0.1."),
-    seed: int = typer.Option(0, help="Seed of every random choice (nets, images, augmentation)."),
-    checkpoint_every: int = typer.Option(200, help="Steps between atomic checkpoints (last.pt)."),
+    epochs: float = typer.Option(1.0, min=0.0, max=10_000.0, help="Epochs over the 45k training images (> 0)."),
+    steps: Optional[int] = typer.Option(None, min=1, max=10**9, help="Total steps (overrides --epochs)."),
+    batch_size: int = typer.Option(32, min=1, max=65_536, help="Images per step (shared by every net of the meta-batch)."),
+    meta_batch: int = typer.Option(4, min=1, max=4096, help="Architectures per step."),
+    lr: float = typer.Option(1e-3, min=0.0, max=10.0, help="Adam learning rate (> 0; x0.1 at --lr-decay-at of the run)."),
+    weight_decay: float = typer.Option(1e-5, min=0.0, max=10.0, help="Adam weight decay."),
+    lr_decay_at: float = typer.Option(0.75, min=0.0, max=1.0, help="Fraction of the run after which lr is multiplied by 0.1."),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Seed of every random choice (nets, images, augmentation)."),
+    checkpoint_every: int = typer.Option(200, min=1, max=10**9, help="Steps between atomic checkpoints (last.pt)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT_DIR/last.pt."),
     init_from: Optional[str] = typer.Option(None, help="Start from a GHN checkpoint ('default', 'qat' or a file)."),
     qat: bool = typer.Option(False, "--qat", help="Quantization-aware: fake-quant nets in the loop."),
@@ -122,15 +140,15 @@ def train(
                                    f"({', '.join(PRESETS)}); calibrated ranges train as per-batch ranges "
                                    "(tflite-int8 trains as tflite-int8-qat, see docs/quantization.md)."),
     bit_conditioning: bool = typer.Option(False, help="Condition the GHN on the target bit-width."),
-    loss_cap: Optional[float] = typer.Option(None, help="Scale down the gradient of any net whose loss exceeds this "
+    loss_cap: Optional[float] = typer.Option(None, min=0.0, help="Scale down the gradient of any net whose loss exceeds this "
                                              "(robust QAT: 4-bit nets that collapse do not dominate the step)."),
     range_penalty: float = typer.Option(0.0, min=0.0, help="--qat: weight of the range-balance penalty on quantized "
                                         "nets (rounding-noise share of each channel on its layer's per-tensor grid, "
                                         "BN folded; see docs/quantization.md)."),
-    train_images: Optional[int] = typer.Option(None, help="Use only the first N training images."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    max_minutes: Optional[float] = typer.Option(None, help="Wall-clock budget: shorten the run (and its lr decay) to fit."),
-    threads: Optional[int] = typer.Option(None, help=_THREADS_HELP),
+    train_images: Optional[int] = typer.Option(None, min=1, help="Use only the first N training images."),
+    device: Device = typer.Option(Device.cpu, help="Where to train."),
+    max_minutes: Optional[float] = typer.Option(None, min=0.0, help="Wall-clock budget: shorten the run (and its lr decay) to fit."),
+    threads: Optional[int] = typer.Option(None, min=1, max=_MAX_THREADS, help=_THREADS_HELP),
 ) -> None:
     """Meta-train GHN-Q on CIFAR-10 (runs under torchrun with DistributedDataParallel too)."""
     from ghnq_deploy.ghn.train import TrainConfig, init_distributed, train as run_train
@@ -140,8 +158,24 @@ def train(
     if range_penalty and not qat:
         raise QuantSchemeError("--range-penalty needs --qat (it acts on the quantized nets of a QAT meta-batch)")
     _check_threads(threads)
+    for flag, value in (("--epochs", epochs), ("--lr", lr), ("--loss-cap", loss_cap), ("--max-minutes", max_minutes)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"{flag} must be a finite number above 0, got {value}")
+    for flag, value in (("--weight-decay", weight_decay), ("--range-penalty", range_penalty)):
+        if not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, got {value}")
+    if not 0.0 < lr_decay_at <= 1.0:
+        raise UserError(f"--lr-decay-at is a fraction of the run: above 0 and at most 1, got {lr_decay_at}")
+    if device is Device.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available to torch on this machine")
+    device = device.value
     distributed = init_distributed(device)
     bits = tuple(b.strip() for b in qat_bits.split(",") if b.strip()) if qat else ()
+    if qat and not bits:
+        raise UserError("--qat-bits names no bit-width; give e.g. fp32,w8a8,w4a8,w4a4")
     unknown = [b for b in bits if b not in BIT_OPTIONS]
     if unknown:
         raise ArchError(f"--qat-bits: unknown bit-width(s) {unknown}; choose from {', '.join(BIT_OPTIONS)}")

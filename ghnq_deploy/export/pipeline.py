@@ -30,6 +30,7 @@ from ghnq_deploy.export import formats, lowbit
 from ghnq_deploy.export import manifest as mf
 from ghnq_deploy.export import onnx as onnx_export
 from ghnq_deploy.runtime.registry import get_runtime
+from ghnq_deploy.io import temporary_files_in
 from ghnq_deploy.quant.bn_calibrate import FoldReport, calibrate_bn, check_folding, fold_bn, summarize
 
 TARGETS = formats.TARGETS
@@ -194,7 +195,8 @@ def _write_atomically(out_dir: Path, build: Callable[[Path], list[Path]]) -> lis
     remove_stale_partials(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL_PREFIX}{os.getpid()}-", suffix=_PARTIAL_SUFFIX, dir=out_dir))
     try:
-        made = build(tmp)
+        with temporary_files_in(tmp):  # the converter's own temp files go with this folder
+            made = build(tmp)
         placed = []
         for path in made:  # model file first, manifest last: a manifest always describes a complete file
             path.chmod(0o644)

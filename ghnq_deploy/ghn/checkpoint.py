@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import pickle
+import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ghnq_deploy.errors import UserError
 
 from ghnq_deploy.ghn.model import CHECKPOINT_FORMAT, GHNQ, GHNConfig, checkpoint_sha256
+
+CHECKPOINT_VERSIONS = (1,)  # format versions this release reads
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 SHIPPED = {"default": "ghnq-cifar10.pt", "float": "ghnq-cifar10.pt", "qat": "ghnq-cifar10-qat.pt"}
@@ -34,17 +38,77 @@ def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
     return path
 
 
+def _reason(exc: BaseException) -> str:
+    """One line for why torch.load failed; a weights-only refusal is said in full, in plain words."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if "Weights only load failed" in text:
+        found = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+|Unsupported class \S+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"refused: it holds Python objects that loading would execute{what}; ghnq-deploy loads "
+                "checkpoints with torch.load(weights_only=True) only (tensors, numbers, strings, lists, dicts)")
+    first = " ".join(text.split())
+    if not first:
+        return f"{type(exc).__name__}: the file is empty or truncated"
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
+def torch_load_file(path: Path, error: type[UserError], what: str) -> Any:
+    """``torch.load(path, weights_only=True)``; any way the file is unreadable is one ``error`` line.
+
+    torch raises whatever its readers hit on foreign bytes (IndexError, KeyError, struct.error,
+    UnicodeDecodeError, ...), so every exception counts as "not a readable file".
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: is a folder, not a {what} file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what} file") from None
+    except MemoryError:
+        raise error(f"{path}: not a readable {what} file (it claims more memory than there is)") from None
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        reason = _reason(exc)
+        if not reason.startswith("refused") and not _is_zip(path):
+            size = path.stat().st_size if path.exists() else 0
+            reason = (f"{size:,} bytes that are not a PyTorch file: torch.save writes a zip archive"
+                      if size else "the file is empty")
+        raise error(f"{path}: not a readable {what} file ({reason})") from None
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def check_finite(path: Path, state: Mapping, error: type[UserError], what: str) -> None:
+    """Refuse NaN / infinite tensors up front: they would only surface stages later ("nan > nan")."""
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise error(f"{path}: {what} tensor '{name}' holds {bad:,} NaN or infinite value(s)")
+
+
 def read_checkpoint(path: Path) -> dict:
     """The raw dict, loaded with weights_only=True; the training state's GHN if given last.pt."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:160]})") from None
+    data = torch_load_file(path, CheckpointError, "checkpoint")
     if isinstance(data, dict) and "ghn" in data and "optimizer" in data:
         data = data["ghn"]  # a training state (last.pt)
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a GHN-Q checkpoint (expected format '{CHECKPOINT_FORMAT}')")
+    version = data.get("version")
+    if version not in CHECKPOINT_VERSIONS:
+        raise CheckpointError(f"{path}: GHN-Q checkpoint format version {version!r} is not one this release "
+                              f"reads ({', '.join(map(str, CHECKPOINT_VERSIONS))}); upgrade ghnq-deploy")
+    if not isinstance(data.get("config"), dict):
+        raise CheckpointError(f"{path}: GHN-Q checkpoint without a 'config' dict")
+    state = data.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{path}: GHN-Q checkpoint without a 'state_dict' of named tensors")
+    check_finite(path, state, CheckpointError, "checkpoint")
     return data
 
 
@@ -55,8 +119,9 @@ def load_ghn_checkpoint(name_or_path: str | Path | None = None) -> tuple[GHNQ, d
     try:
         ghn = GHNQ(GHNConfig.from_dict(data["config"]))
         ghn.load_state_dict(data["state_dict"])
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: checkpoint does not match the GHN-Q model ({str(exc).splitlines()[0][:160]})") from None
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError, MemoryError) as exc:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CheckpointError(f"{path}: checkpoint does not match the GHN-Q model ({reason})") from None
     ghn.eval()
     info = {k: v for k, v in data.items() if k != "state_dict"}
     info["path"] = str(path)

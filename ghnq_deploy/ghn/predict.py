@@ -9,7 +9,7 @@ import torch
 
 from ghnq_deploy.arch.builder import ArchNet, build_model
 from ghnq_deploy.arch.spec import ArchError, ArchSpec, analyze, parse_spec
-from ghnq_deploy.ghn.checkpoint import CheckpointError
+from ghnq_deploy.ghn.checkpoint import CheckpointError, check_finite, torch_load_file
 from ghnq_deploy.ghn.graph import build_graph
 from ghnq_deploy.ghn.model import BIT_OPTIONS, GHNQ
 from ghnq_deploy.io import atomic_torch_save
@@ -92,19 +92,23 @@ def save_predicted(path, model: PredictedModel) -> None:
 
 def load_predicted(path) -> PredictedModel:
     """Read a predicted-model file (weights_only) and rebuild its spec; errors are one line."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such predicted model") from None
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise CheckpointError(f"{path}: not a readable model file ({str(exc).splitlines()[0][:160]})") from None
+    data = torch_load_file(path, CheckpointError, "model")
     if not isinstance(data, dict) or data.get("format") != PREDICTED_FORMAT:
         raise CheckpointError(f"{path}: not a ghnq-deploy predicted model")
-    spec = parse_spec(data["spec"], str(path))
+    if data.get("version") != 1:
+        raise CheckpointError(f"{path}: predicted-model format version {data.get('version')!r} is not one this "
+                              "release reads (1)")
+    state, meta = data.get("state_dict"), data.get("meta", {})
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()) or not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: predicted model without a 'state_dict' of named tensors and a 'meta' dict")
+    check_finite(path, state, CheckpointError, "model")
+    spec = parse_spec(data.get("spec"), str(path))
     analyze(spec)
-    model = PredictedModel(spec, data["state_dict"], data.get("meta", {}))
+    model = PredictedModel(spec, state, meta)
     try:
         model.build()
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: parameters do not match the spec ({str(exc).splitlines()[0][:160]})") from None
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CheckpointError(f"{path}: parameters do not match the spec ({reason})") from None
     return model

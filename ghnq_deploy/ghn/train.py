@@ -29,7 +29,7 @@ from ghnq_deploy.arch.sampler import sample_arch
 from ghnq_deploy.data import ImageSet, augment, load_cifar10, normalize
 from ghnq_deploy.ghn.graph import build_graph
 from ghnq_deploy.ghn.model import BIT_OPTIONS, GHNQ, GHNConfig
-from ghnq_deploy.ghn.checkpoint import load_ghn_checkpoint
+from ghnq_deploy.ghn.checkpoint import CheckpointError, check_finite, load_ghn_checkpoint, torch_load_file
 from ghnq_deploy.io import atomic_torch_save, atomic_write_text
 from ghnq_deploy.quant.range_balance import range_balance_penalty
 from ghnq_deploy.quant.scheme import QuantScheme, qat_scheme
@@ -183,6 +183,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult]
     # error here, before any data or GHN work
     scheme = qat_scheme(cfg.qat_scheme) if cfg.qat_bits else cfg.qat_scheme
     out = Path(cfg.out_dir)
+    resume_state = _resume_state(out / "last.pt", cfg) if resume else None  # refused before any work
     images = load_cifar10("train", cfg.data)
     if cfg.train_images:
         images = images.subset(cfg.train_images)
@@ -198,11 +199,15 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [int(cfg.lr_decay_at * total)], gamma=0.1)
     state_path, log_path = out / "last.pt", out / "train_log.jsonl"
     start = 0
-    if resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        ghn.load_state_dict(state["ghn"]["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    if resume_state is not None:
+        state = resume_state
+        try:
+            ghn.load_state_dict(state["ghn"]["state_dict"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise CheckpointError(f"{state_path}: training state does not match this GHN ({reason})") from None
         # the run may be resumed with another length: the decay point follows this config
         scheduler.milestones = Counter([int(cfg.lr_decay_at * total)])
         start = state["step"]
@@ -286,6 +291,37 @@ def _fit_to_budget(cfg: TrainConfig, total: int, end: int, step: int, done: int,
         torch.distributed.broadcast(new_end, src=0)
     new_end = int(new_end)
     return min(total, new_end), new_end
+
+
+# what a resumed run must share with the run it continues: the (nets, images) of a step are a
+# function of these, and the optimiser's restored state carries lr / weight decay / betas
+RESUME_MUST_MATCH = ("batch_size", "meta_batch", "seed", "train_images", "qat_bits", "qat_scheme",
+                     "bit_conditioning", "ghn", "lr", "weight_decay", "betas", "loss_cap", "range_penalty")
+
+
+def _resume_state(state_path: Path, cfg: TrainConfig) -> dict:
+    """The training state to resume from, refused when missing, unreadable or from another setup."""
+    if not state_path.exists():
+        raise CheckpointError(f"{state_path}: no training state to resume from (drop --resume to start a new run, "
+                              "or point --out-dir at the run to continue)")
+    state = torch_load_file(state_path, CheckpointError, "training state")
+    if not (isinstance(state, dict) and isinstance(state.get("ghn"), dict) and isinstance(state.get("step"), int)
+            and isinstance(state.get("train_config"), dict) and "optimizer" in state and "scheduler" in state):
+        raise CheckpointError(f"{state_path}: not a ghnq-deploy training state (last.pt)")
+    check_finite(state_path, state["ghn"].get("state_dict") or {}, CheckpointError, "training state")
+    before = state["train_config"]
+    now = asdict(cfg)
+    changed = [f"{k} {_plain(before.get(k))} -> {_plain(now[k])}" for k in RESUME_MUST_MATCH
+               if k in before and _plain(before.get(k)) != _plain(now[k])]
+    if changed:
+        raise CheckpointError(f"{state_path}: --resume with changed settings ({'; '.join(changed)}); a resumed run "
+                              "must repeat them (pass the same options, or start a new --out-dir)")
+    return state
+
+
+def _plain(value):
+    """JSON-comparable form (tuples and lists compare equal)."""
+    return json.loads(json.dumps(value))
 
 
 def _cpu_checkpoint(ghn: GHNQ) -> dict:
