@@ -1,0 +1,89 @@
+"""TFLite's fixed-point requantization primitives, vectorised over int64 torch tensors.
+
+Written from the semantics of TFLite's ``QuantizeMultiplier`` (quantization_util.cc) and
+``MultiplyByQuantizedMultiplier`` (kernels/internal/common.h): the default build rounds
+twice (a saturating rounding doubling high-mul, then a rounding divide by a power of two,
+both half away from zero); builds with ``TFLITE_SINGLE_ROUNDING`` (TFLite Micro, CMSIS-NN)
+round once, half up. Values are int64 tensors holding int32 quantities, so no product
+overflows; int32 wrap-around is mimicked where the C++ code shifts left in 32 bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+ROUNDINGS = ("double", "single", "xnnpack")
+
+
+def round_half_away(x: np.ndarray | float) -> np.ndarray:
+    """std::round: ties away from zero (TfLiteRound)."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.trunc(x + np.copysign(0.5, x))
+
+
+def quantize_multiplier(real, single: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Real multiplier(s) -> (Q31 multiplier, shift) as TFLite's QuantizeMultiplier does.
+
+    ``single`` adds the single-rounding build's clamp (shift <= 30).
+    """
+    real = np.atleast_1d(np.asarray(real, dtype=np.float64))
+    mantissa, shift = np.frexp(real)
+    q = round_half_away(mantissa * float(1 << 31)).astype(np.int64)
+    carry = q == (1 << 31)
+    q = np.where(carry, q // 2, q)
+    shift = np.where(carry, shift + 1, shift).astype(np.int64)
+    tiny = shift < -31
+    q, shift = np.where(tiny, 0, q), np.where(tiny, 0, shift)
+    if single:
+        big = shift > 30
+        q, shift = np.where(big, INT32_MAX, q), np.where(big, 30, shift)
+    zero = real == 0
+    return np.where(zero, 0, q).astype(np.int64), np.where(zero, 0, shift).astype(np.int64)
+
+
+def _wrap32(x: torch.Tensor) -> torch.Tensor:
+    return ((x - INT32_MIN) & 0xFFFFFFFF) + INT32_MIN
+
+
+def saturating_rounding_doubling_high_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(a * b * 2 + 2^31) >> 32 with rounding half away from zero; the one overflow saturates."""
+    a, b = torch.broadcast_tensors(torch.as_tensor(a, dtype=torch.int64), torch.as_tensor(b, dtype=torch.int64))
+    ab = a * b
+    nudge = torch.where(ab >= 0, torch.tensor(1 << 30), torch.tensor(1 - (1 << 30)))
+    high = torch.div(ab + nudge, 1 << 31, rounding_mode="trunc")
+    overflow = (a == b) & (a == INT32_MIN)
+    return torch.where(overflow, torch.tensor(INT32_MAX), high)
+
+
+def rounding_divide_by_pot(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """x / 2^exponent rounded half away from zero (gemmlowp's RoundingDivideByPOT)."""
+    x = torch.as_tensor(x, dtype=torch.int64)
+    exponent = torch.as_tensor(exponent, dtype=torch.int64)
+    mask = (torch.ones_like(exponent) << exponent) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + (x < 0).to(torch.int64)
+    return (x >> exponent) + (remainder > threshold).to(torch.int64)
+
+
+def multiply_by_quantized_multiplier(x: torch.Tensor, multiplier, shift, rounding: str = "double") -> torch.Tensor:
+    """TFLite's MultiplyByQuantizedMultiplier for int32 ``x`` (held in int64), broadcasting the last axis."""
+    x = torch.as_tensor(x, dtype=torch.int64)
+    m = torch.as_tensor(np.asarray(multiplier), dtype=torch.int64)
+    s = torch.as_tensor(np.asarray(shift), dtype=torch.int64)
+    if rounding == "single":
+        total = 31 - s
+        return (x * m + (torch.ones_like(total) << (total - 1))) >> total
+    if rounding != "double":
+        raise ValueError(f"fixed-point rounding is 'double' or 'single', not {rounding!r}")
+    left = s.clamp(min=0)
+    right = (-s).clamp(min=0)
+    if bool((left > 0).any()):
+        x = _wrap32(x << left)  # int32 multiply by 1 << left_shift in C++
+    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x, m), right)
+
+
+def round_half_even_f32(x: torch.Tensor) -> torch.Tensor:
+    """lrintf in the default mode: fp32 ties to even (XNNPACK's requantization rounding)."""
+    return torch.round(x.to(torch.float32))

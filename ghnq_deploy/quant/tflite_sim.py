@@ -1,0 +1,638 @@
+"""Execute an exported full-integer .tflite file in torch: fake-quant float or bit-exact integer.
+
+Everything (graph, constants, scales, zero points, options) comes from the file through
+:mod:`ghnq_deploy.quant.tflite_graph`, so a simulation and the artifact share their encodings.
+
+Arithmetic modes:
+- ``"fake-quant"``: float32 math on dequantized int8 weights / int32 biases, every op's output
+  quantized to its tensor's scale and zero point (half away from zero, as TFLite's QUANTIZE)
+  and clamped to the fused activation's range: the target scheme, without integer rounding.
+- ``"integer"``: int32 accumulation plus bias, requantization through the Q31 multiplier and
+  shift, and the reference kernels' integer rules per op (ADD's 20-bit left shift and input
+  multipliers, AVERAGE_POOL's rounded division, MEAN's rescaled multiplier, ...). ``rounding``
+  picks the requantization: ``"double"`` (TFLite default builds, BUILTIN_REF), ``"single"``
+  (TFLITE_SINGLE_ROUNDING: TFLite Micro, CMSIS-NN) or ``"xnnpack"`` (fp32 scale, ties to even,
+  as XNNPACK's int8 kernels requantize; an approximation whose distance we measure).
+
+Convolutions run as torch conv2d on exact integers in float32 when every partial sum is
+provably below 2^24, else float64 (exact below 2^53), so integer results are bit-exact.
+Ops are a registry (builtin name -> kernel); a new op is one registered function.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ghnq_deploy.errors import UserError
+from ghnq_deploy.quant import requantize as rq
+from ghnq_deploy.quant.tflite_graph import Graph, Operator, read_tflite
+
+ARITHMETICS = ("fake-quant", "integer")
+KERNELS: dict[str, Callable[["Simulator", Operator], None]] = {}
+# ops whose integer kernel is not written yet: simulated in fake-quant only
+FAKE_QUANT_ONLY: set[str] = set()
+
+
+def register(*names: str, fake_quant_only: bool = False):
+    """Register the kernel of one or more TFLite builtin ops."""
+
+    def deco(fn):
+        for name in names:
+            KERNELS[name] = fn
+            if fake_quant_only:
+                FAKE_QUANT_ONLY.add(name)
+        return fn
+
+    return deco
+
+
+_QRANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255), np.dtype(np.int16): (-32768, 32767),
+           np.dtype(np.int32): (rq.INT32_MIN, rq.INT32_MAX)}
+
+
+@dataclass
+class _Conv:
+    weight: torch.Tensor  # torch layout (O, I/groups, KH, KW): ints (integer) or dequantized floats
+    bias: torch.Tensor | None  # int64 (integer) or float32 (fake-quant), per output channel
+    multiplier: np.ndarray
+    shift: np.ndarray
+    scale_f32: torch.Tensor  # fp32 requantization scale (xnnpack rounding)
+    dtype: torch.dtype  # conv arithmetic dtype: float32 when provably exact, else float64
+
+
+class Simulator:
+    """One parsed model, run batch by batch; ``cache`` holds per-op prepared constants."""
+
+    def __init__(self, graph: Graph, arithmetic: str = "fake-quant", rounding: str = "double"):
+        if arithmetic not in ARITHMETICS:
+            raise UserError(f"unknown arithmetic {arithmetic!r}; choose from {', '.join(ARITHMETICS)}")
+        if rounding not in rq.ROUNDINGS:
+            raise UserError(f"unknown rounding {rounding!r}; choose from {', '.join(rq.ROUNDINGS)}")
+        if arithmetic == "fake-quant" and rounding != "double":
+            raise UserError("--rounding applies to integer arithmetic only (fake-quant has no fixed-point rounding)")
+        for op in graph.operators:
+            if op.op not in KERNELS:
+                raise UserError(f"{graph.path}: op {op.op} (operator {op.index}) has no simulator kernel")
+            if arithmetic == "integer" and op.op in FAKE_QUANT_ONLY:
+                raise UserError(f"{graph.path}: op {op.op} has no integer kernel in the simulator yet "
+                                f"(fake-quant only)")
+        if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+            raise UserError(f"{graph.path}: the simulator runs single-input single-output models "
+                            f"({len(graph.inputs)} inputs, {len(graph.outputs)} outputs)")
+        self.graph, self.arithmetic, self.rounding = graph, arithmetic, rounding
+        self.integer = arithmetic == "integer"
+        self.cache: dict[int, object] = {}
+        self.env: dict[int, torch.Tensor] = {}
+
+    # -- tensor access -------------------------------------------------------------------------
+    def meta(self, index: int):
+        return self.graph.tensors[index]
+
+    def value(self, index: int) -> torch.Tensor:
+        if index in self.env:
+            return self.env[index]
+        t = self.meta(index)
+        if t.data is None:
+            raise UserError(f"{self.graph.path}: tensor {t.name!r} is read before any op writes it")
+        v = torch.from_numpy(t.data.astype(np.int64) if t.data.dtype.kind in "iub" else t.data.astype(np.float32))
+        self.env[index] = v
+        return v
+
+    def qparams(self, index: int) -> tuple[float, int]:
+        t = self.meta(index)
+        if t.quantization is None:
+            raise UserError(f"{self.graph.path}: tensor {t.name!r} ({t.dtype}) has no quantization parameters")
+        return t.scale, t.zero_point
+
+    def set(self, index: int, value: torch.Tensor) -> None:
+        self.env[index] = value
+
+    def dequantized(self, index: int) -> torch.Tensor:
+        """Real values of an int tensor (float32), as fake-quant reads them."""
+        scale, zero = self.qparams(index)
+        return (self.value(index).to(torch.float32) - zero) * np.float32(scale)
+
+    def activation_range(self, out_index: int, activation: str | None) -> tuple[int, int]:
+        """The integer clamp of a fused activation (CalculateActivationRangeQuantized)."""
+        t = self.meta(out_index)
+        lo, hi = _QRANGE[t.dtype]
+        if activation in (None, "NONE") or t.quantization is None:
+            return lo, hi
+        scale, zero = t.scale, t.zero_point
+
+        def q(f: float) -> int:
+            return zero + int(rq.round_half_away(np.float32(f) / np.float32(scale)))
+
+        if activation == "RELU":
+            return max(lo, q(0.0)), hi
+        if activation == "RELU6":
+            return max(lo, q(0.0)), min(hi, q(6.0))
+        if activation == "RELU_N1_TO_1":
+            return max(lo, q(-1.0)), min(hi, q(1.0))
+        raise UserError(f"{self.graph.path}: fused activation {activation} is not simulated")
+
+    def quantize_output(self, out_index: int, real: torch.Tensor, activation: str | None = None) -> None:
+        """fake-quant: real -> the output tensor's grid (half away from zero), clamped."""
+        scale, zero = self.qparams(out_index)
+        lo, hi = self.activation_range(out_index, activation)
+        y = real.to(torch.float32) / np.float32(scale)
+        q = torch.trunc(y + torch.copysign(torch.tensor(0.5, dtype=torch.float32), y)) + zero
+        self.set(out_index, q.clamp(lo, hi).to(torch.int32))
+
+    def requantized(self, out_index: int, acc: torch.Tensor, multiplier, shift, scale_f32, activation) -> None:
+        """integer: int32 accumulator -> output via the multiplier (or fp32 scale), + zero point, clamp."""
+        _, zero = self.qparams(out_index)
+        lo, hi = self.activation_range(out_index, activation)
+        if self.rounding == "xnnpack":
+            y = acc.to(torch.float32) * scale_f32
+            y = y.clamp(float(lo - zero), float(hi - zero))
+            out = rq.round_half_even_f32(y).to(torch.int64) + zero
+        else:
+            out = rq.multiply_by_quantized_multiplier(acc, multiplier, shift, self.rounding) + zero
+        self.set(out_index, out.clamp(lo, hi).to(torch.int32))
+
+    def multiplier(self, real) -> tuple[np.ndarray, np.ndarray]:
+        return rq.quantize_multiplier(real, single=self.rounding == "single")
+
+    # -- running -------------------------------------------------------------------------------
+    def run(self, x: np.ndarray, keep_all: bool = False) -> dict[int, np.ndarray] | np.ndarray:
+        """Run one batch of the file's input tensor; the raw output (or every tensor with ``keep_all``)."""
+        self.env = {}
+        src = self.graph.inputs[0]
+        self.set(src, torch.from_numpy(np.ascontiguousarray(x)).to(
+            torch.float32 if self.meta(src).dtype.kind == "f" else torch.int32))
+        with torch.no_grad():
+            for op in self.graph.operators:
+                KERNELS[op.op](self, op)
+        dst = self.graph.outputs[0]
+        if keep_all:
+            return {i: self._as_file_dtype(i, v) for i, v in self.env.items() if self.meta(i).data is None}
+        return self._as_file_dtype(dst, self.env[dst])
+
+    def _as_file_dtype(self, index: int, v: torch.Tensor) -> np.ndarray:
+        return v.numpy().astype(self.meta(index).dtype)
+
+
+def _check_input(graph: Graph, inputs: np.ndarray) -> np.ndarray:
+    t = graph.tensors[graph.inputs[0]]
+    x = np.asarray(inputs)
+    if x.dtype != t.dtype:
+        raise UserError(f"{graph.path}: input must be {t.dtype} (the file's input tensor, already quantized), "
+                        f"got {x.dtype}")
+    if x.ndim != len(t.shape) or tuple(x.shape[1:]) != tuple(t.shape[1:]):
+        raise UserError(f"{graph.path}: input shape {list(x.shape)}, the file expects [N, "
+                        f"{', '.join(str(v) for v in t.shape[1:])}]")
+    return x
+
+
+def load(model_file: str | os.PathLike | bytes | Graph, arithmetic: str = "fake-quant",
+         rounding: str = "double") -> Simulator:
+    graph = model_file if isinstance(model_file, Graph) else read_tflite(model_file, supported=frozenset(KERNELS))
+    return Simulator(graph, arithmetic, rounding)
+
+
+def simulate(model_file: str | os.PathLike | bytes | Graph, inputs: np.ndarray, arithmetic: str = "fake-quant",
+             rounding: str = "double", batch_size: int = 256) -> np.ndarray:
+    """The file's raw output tensor (int8 for full-integer files) for its raw input tensor.
+
+    ``inputs`` is what the interpreter's input takes: int8 NHWC, already quantized with the
+    file's input scale and zero point.
+    """
+    sim = load(model_file, arithmetic, rounding)
+    x = _check_input(sim.graph, inputs)
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    outs = [sim.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    if not outs:
+        raise UserError("no input images to simulate")
+    return np.concatenate(outs)
+
+
+def simulate_all(model_file, inputs: np.ndarray, arithmetic: str = "integer", rounding: str = "double"
+                 ) -> dict[str, np.ndarray]:
+    """Every intermediate tensor by name (for layer-wise comparison); run on a few samples only."""
+    sim = load(model_file, arithmetic, rounding)
+    kept = sim.run(_check_input(sim.graph, inputs), keep_all=True)
+    return {sim.meta(i).name: v for i, v in kept.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+
+def _same_padding(size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _spatial_pads(padding: str, h: int, w: int, kh: int, kw: int, sh: int, sw: int, dh: int = 1, dw: int = 1):
+    """(left, right, top, bottom) as F.pad takes them for NCHW."""
+    if padding == "VALID":
+        return 0, 0, 0, 0
+    top, bottom = _same_padding(h, kh, sh, dh)
+    left, right = _same_padding(w, kw, sw, dw)
+    return left, right, top, bottom
+
+
+def _prepare_conv(sim: Simulator, op: Operator, depthwise: bool) -> _Conv:
+    cached = sim.cache.get(op.index)
+    if cached is not None:
+        return cached
+    x_i, w_i = op.inputs[0], op.inputs[1]
+    b_i = op.inputs[2] if len(op.inputs) > 2 else -1
+    wt = sim.meta(w_i)
+    w = wt.data.astype(np.int64)
+    if depthwise:  # (1, KH, KW, C*M) -> (C*M, 1, KH, KW)
+        w = w.reshape(w.shape[1], w.shape[2], w.shape[3]).transpose(2, 0, 1)[:, None]
+    else:  # (O, KH, KW, I) -> (O, I, KH, KW)
+        w = w.transpose(0, 3, 1, 2)
+    channels = w.shape[0]
+    w_scale = np.broadcast_to(wt.quantization.scale.astype(np.float64), (channels,))
+    w_zero = np.broadcast_to(wt.quantization.zero_point, (channels,))
+    if np.any(w_zero != 0):
+        raise UserError(f"{sim.graph.path}: {op.op} weight {wt.name!r} has non-zero zero points "
+                        f"(TFLite int8 weights are symmetric)")
+    in_scale, _ = sim.qparams(x_i)
+    out_scale, _ = sim.qparams(op.outputs[0])
+    real = np.float64(in_scale) * w_scale / np.float64(out_scale)
+    multiplier, shift = sim.multiplier(real)
+    scale_f32 = torch.from_numpy((np.float32(in_scale) * w_scale.astype(np.float32) / np.float32(out_scale))
+                                 .astype(np.float32))
+    bias = None
+    if b_i >= 0:
+        bt = sim.meta(b_i)
+        b = bt.data.astype(np.int64).reshape(-1)
+        if sim.integer:
+            bias = torch.from_numpy(b)
+        else:
+            b_scale = np.broadcast_to(bt.quantization.scale, b.shape).astype(np.float32)
+            bias = torch.from_numpy((b.astype(np.float32) * b_scale).astype(np.float32))
+    if sim.integer:
+        # every partial sum is bounded by sum|w| * max|x - zp| (<= 255 for int8 inputs)
+        bound = float(np.abs(w).reshape(channels, -1).sum(axis=1).max(initial=0)) * 255.0
+        dtype = torch.float32 if bound < 2.0 ** 24 else torch.float64
+        weight = torch.from_numpy(w.astype(np.float32 if dtype == torch.float32 else np.float64))
+    else:
+        dtype = torch.float32
+        weight = torch.from_numpy((w * w_scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32))
+    prepared = _Conv(weight, bias, multiplier, shift, scale_f32, dtype)
+    sim.cache[op.index] = prepared
+    return prepared
+
+
+def _conv_common(sim: Simulator, op: Operator, depthwise: bool) -> None:
+    o = op.options
+    p = _prepare_conv(sim, op, depthwise)
+    x_i, out_i = op.inputs[0], op.outputs[0]
+    _, in_zero = sim.qparams(x_i)
+    x = sim.value(x_i)
+    if sim.integer:
+        xc = (x.to(torch.int64) - in_zero).to(p.dtype)
+    else:
+        xc = sim.dequantized(x_i)
+    xc = xc.permute(0, 3, 1, 2)  # NHWC -> NCHW view
+    kh, kw = p.weight.shape[2], p.weight.shape[3]
+    sh, sw = o["stride_h"], o["stride_w"]
+    dh, dw = o.get("dilation_h_factor", 1), o.get("dilation_w_factor", 1)
+    pads = _spatial_pads(o["padding"], xc.shape[2], xc.shape[3], kh, kw, sh, sw, dh, dw)
+    if any(pads):
+        xc = F.pad(xc, pads)  # zeros of (x - zp): the kernels skip out-of-image taps
+    groups = xc.shape[1] // p.weight.shape[1]
+    y = F.conv2d(xc, p.weight, stride=(sh, sw), dilation=(dh, dw), groups=groups).permute(0, 2, 3, 1)
+    act = o.get("fused_activation_function")
+    if sim.integer:
+        acc = torch.round(y).to(torch.int64)
+        if p.bias is not None:
+            acc = acc + p.bias
+        sim.requantized(out_i, acc, p.multiplier, p.shift, p.scale_f32, act)
+    else:
+        if p.bias is not None:
+            y = y + p.bias
+        sim.quantize_output(out_i, y, act)
+
+
+@register("CONV_2D")
+def _conv2d(sim: Simulator, op: Operator) -> None:
+    _conv_common(sim, op, depthwise=False)
+
+
+@register("DEPTHWISE_CONV_2D")
+def _depthwise(sim: Simulator, op: Operator) -> None:
+    _conv_common(sim, op, depthwise=True)
+
+
+@register("FULLY_CONNECTED")
+def _fully_connected(sim: Simulator, op: Operator) -> None:
+    o = op.options
+    if o.get("keep_num_dims"):
+        raise UserError(f"{sim.graph.path}: FULLY_CONNECTED with keep_num_dims is not simulated")
+    p = sim.cache.get(op.index)
+    if p is None:
+        wt = sim.meta(op.inputs[1])
+        w = wt.data.astype(np.int64)  # (O, K)
+        channels = w.shape[0]
+        w_scale = np.broadcast_to(wt.quantization.scale.astype(np.float64), (channels,))
+        in_scale, _ = sim.qparams(op.inputs[0])
+        out_scale, _ = sim.qparams(op.outputs[0])
+        multiplier, shift = sim.multiplier(np.float64(in_scale) * w_scale / np.float64(out_scale))
+        scale_f32 = torch.from_numpy((np.float32(in_scale) * w_scale.astype(np.float32) / np.float32(out_scale))
+                                     .astype(np.float32))
+        bias = None
+        b_i = op.inputs[2] if len(op.inputs) > 2 else -1
+        if b_i >= 0:
+            bt = sim.meta(b_i)
+            b = bt.data.astype(np.int64).reshape(-1)
+            bias = torch.from_numpy(b) if sim.integer else torch.from_numpy(
+                (b.astype(np.float32) * np.broadcast_to(bt.quantization.scale, b.shape)).astype(np.float32))
+        if sim.integer:
+            bound = float(np.abs(w).sum(axis=1).max(initial=0)) * 255.0
+            dtype = torch.float32 if bound < 2.0 ** 24 else torch.float64
+            weight = torch.from_numpy(w.T.astype(np.float32 if dtype == torch.float32 else np.float64).copy())
+        else:
+            dtype = torch.float32
+            weight = torch.from_numpy((w * w_scale[:, None]).T.astype(np.float32).copy())
+        p = _Conv(weight, bias, multiplier, shift, scale_f32, dtype)
+        sim.cache[op.index] = p
+    x_i, out_i = op.inputs[0], op.outputs[0]
+    k = p.weight.shape[0]
+    if sim.integer:
+        _, in_zero = sim.qparams(x_i)
+        x = (sim.value(x_i).to(torch.int64) - in_zero).to(p.dtype).reshape(-1, k)
+        acc = torch.round(x @ p.weight).to(torch.int64)
+        if p.bias is not None:
+            acc = acc + p.bias
+        sim.requantized(out_i, acc, p.multiplier, p.shift, p.scale_f32, o.get("fused_activation_function"))
+    else:
+        y = sim.dequantized(x_i).reshape(-1, k) @ p.weight
+        if p.bias is not None:
+            y = y + p.bias
+        sim.quantize_output(out_i, y, o.get("fused_activation_function"))
+
+
+@register("ADD")
+def _add(sim: Simulator, op: Operator) -> None:
+    a_i, b_i = op.inputs[:2]
+    out_i = op.outputs[0]
+    act = op.options.get("fused_activation_function")
+    if not sim.integer:
+        sim.quantize_output(out_i, sim.dequantized(a_i) + sim.dequantized(b_i), act)
+        return
+    (sa, za), (sb, zb), (so, zo) = sim.qparams(a_i), sim.qparams(b_i), sim.qparams(out_i)
+    a = sim.value(a_i).to(torch.int64) - za
+    b = sim.value(b_i).to(torch.int64) - zb
+    lo, hi = sim.activation_range(out_i, act)
+    if sim.rounding == "xnnpack":
+        y = a.to(torch.float32) * np.float32(np.float32(sa) / np.float32(so)) + \
+            b.to(torch.float32) * np.float32(np.float32(sb) / np.float32(so))
+        out = rq.round_half_even_f32(y).to(torch.int64) + zo
+        sim.set(out_i, out.clamp(lo, hi).to(torch.int32))
+        return
+    p = sim.cache.get(op.index)
+    if p is None:  # add.cc Prepare: both inputs to a common 2*max scale with 20 bits of headroom
+        left_shift = 20
+        twice_max = 2.0 * max(np.float64(sa), np.float64(sb))
+        m1 = sim.multiplier(np.float64(sa) / twice_max)
+        m2 = sim.multiplier(np.float64(sb) / twice_max)
+        mo = sim.multiplier(twice_max / ((1 << left_shift) * np.float64(so)))
+        p = (left_shift, m1, m2, mo)
+        sim.cache[op.index] = p
+    left_shift, (m1, s1), (m2, s2), (mo, so_) = p
+    r = sim.rounding
+    a = rq.multiply_by_quantized_multiplier(a << left_shift, m1, s1, r)
+    b = rq.multiply_by_quantized_multiplier(b << left_shift, m2, s2, r)
+    out = rq.multiply_by_quantized_multiplier(a + b, mo, so_, r) + zo
+    sim.set(out_i, out.clamp(lo, hi).to(torch.int32))
+
+
+@register("MUL")
+def _mul(sim: Simulator, op: Operator) -> None:
+    a_i, b_i = op.inputs[:2]
+    out_i = op.outputs[0]
+    act = op.options.get("fused_activation_function")
+    if not sim.integer:
+        sim.quantize_output(out_i, sim.dequantized(a_i) * sim.dequantized(b_i), act)
+        return
+    (sa, za), (sb, zb), (so, zo) = sim.qparams(a_i), sim.qparams(b_i), sim.qparams(out_i)
+    prod = (sim.value(a_i).to(torch.int64) - za) * (sim.value(b_i).to(torch.int64) - zb)
+    real = np.float64(sa) * np.float64(sb) / np.float64(so)
+    m, s = sim.multiplier(real)
+    scale_f32 = torch.tensor(np.float32(sa) * np.float32(sb) / np.float32(so))
+    sim.requantized(out_i, prod, m, s, scale_f32, act)
+
+
+def _pool_inputs(sim: Simulator, op: Operator):
+    o = op.options
+    x = sim.value(op.inputs[0]).permute(0, 3, 1, 2)
+    kh, kw, sh, sw = o["filter_height"], o["filter_width"], o["stride_h"], o["stride_w"]
+    pads = _spatial_pads(o["padding"], x.shape[2], x.shape[3], kh, kw, sh, sw)
+    return x, (kh, kw), (sh, sw), pads
+
+
+@register("MAX_POOL_2D")
+def _max_pool(sim: Simulator, op: Operator) -> None:
+    x, k, s, pads = _pool_inputs(sim, op)
+    xf = x.to(torch.float32)  # exact for int8 values
+    if any(pads):
+        xf = F.pad(xf, pads, value=-float("inf"))
+    y = F.max_pool2d(xf, k, s).permute(0, 2, 3, 1)
+    lo, hi = sim.activation_range(op.outputs[0], op.options.get("fused_activation_function"))
+    sim.set(op.outputs[0], y.clamp(lo, hi).to(torch.int32))
+
+
+@register("AVERAGE_POOL_2D")
+def _avg_pool(sim: Simulator, op: Operator) -> None:
+    x, k, s, pads = _pool_inputs(sim, op)
+    out_i = op.outputs[0]
+    act = op.options.get("fused_activation_function")
+    ones = torch.ones((1, 1, x.shape[2], x.shape[3]), dtype=torch.float64)
+    if any(pads):
+        ones = F.pad(ones, pads)
+    count = F.avg_pool2d(ones, k, s, divisor_override=1).permute(0, 2, 3, 1).round().to(torch.int64)
+    if not sim.integer:
+        xr = sim.dequantized(op.inputs[0]).permute(0, 3, 1, 2).to(torch.float32)
+        if any(pads):
+            xr = F.pad(xr, pads)
+        total = F.avg_pool2d(xr, k, s, divisor_override=1).permute(0, 2, 3, 1)
+        sim.quantize_output(out_i, total / count.to(torch.float32), act)
+        return
+    xf = x.to(torch.float64)
+    if any(pads):
+        xf = F.pad(xf, pads)
+    acc = F.avg_pool2d(xf, k, s, divisor_override=1).permute(0, 2, 3, 1).round().to(torch.int64)
+    lo, hi = sim.activation_range(out_i, act)
+    if sim.rounding == "xnnpack":
+        (si, zi), (so, zo) = sim.qparams(op.inputs[0]), sim.qparams(out_i)
+        scale = np.float32(si) / np.float32(so)
+        y = (acc - zi * count).to(torch.float32) * (scale / count.to(torch.float32))
+        out = rq.round_half_even_f32(y).to(torch.int64) + zo
+    else:  # reference: the raw int8 sum divided by the tap count, rounded half away from zero
+        half = count // 2
+        out = torch.where(acc > 0, torch.div(acc + half, count, rounding_mode="trunc"),
+                          torch.div(acc - half, count, rounding_mode="trunc"))
+    sim.set(out_i, out.clamp(lo, hi).to(torch.int32))
+
+
+def _axes(sim: Simulator, index: int, rank: int) -> list[int]:
+    return sorted({int(a) % rank for a in sim.value(index).reshape(-1).tolist()})
+
+
+@register("MEAN")
+def _mean(sim: Simulator, op: Operator) -> None:
+    x_i, out_i = op.inputs[0], op.outputs[0]
+    x = sim.value(x_i)
+    axes = _axes(sim, op.inputs[1], x.dim())
+    keep = bool(op.options.get("keep_dims"))
+    count = int(np.prod([x.shape[a] for a in axes]))
+    if not sim.integer:
+        sim.quantize_output(out_i, sim.dequantized(x_i).mean(dim=axes, keepdim=keep))
+        return
+    (si, zi), (so, zo) = sim.qparams(x_i), sim.qparams(out_i)
+    total = x.to(torch.int64).sum(dim=axes, keepdim=keep)
+    if keep and x.dim() == 4 and axes == [1, 2]:
+        raise UserError(f"{sim.graph.path}: MEAN over H, W with keep_dims has no integer kernel in the simulator")
+    if sim.rounding == "xnnpack":
+        y = (total - zi * count).to(torch.float32) * np.float32(np.float32(si) / (np.float32(so) * count))
+        out = rq.round_half_even_f32(y).to(torch.int64) + zo
+    elif si == so and zi == zo:  # reference_ops::Mean: integer division of the raw sum
+        out = torch.div(total, count, rounding_mode="trunc")
+    else:  # QuantizedMeanOrSum: the 1/count factor folded into the multiplier
+        mult, shift = sim.multiplier(np.float64(si) / np.float64(so))
+        mult, shift = int(mult[0]), int(shift[0])
+        n_shift = min(count.bit_length() - 1, 32, 31 + shift)
+        mult = (mult << n_shift) // count
+        out = rq.multiply_by_quantized_multiplier(total - zi * count, mult, shift - n_shift, sim.rounding) + zo
+    sim.set(out_i, out.clamp(-128, 127).to(torch.int32))
+
+
+@register("CONCATENATION")
+def _concat(sim: Simulator, op: Operator) -> None:
+    out_i = op.outputs[0]
+    rank = sim.value(op.inputs[0]).dim()
+    axis = op.options.get("axis", 0) % rank
+    so, zo = sim.qparams(out_i)
+    lo, hi = sim.activation_range(out_i, op.options.get("fused_activation_function"))
+    parts = []
+    for i in op.inputs:
+        si, zi = sim.qparams(i)
+        v = sim.value(i)
+        if si == so and zi == zo:
+            parts.append(v.to(torch.int64))
+        elif sim.integer and sim.rounding != "xnnpack":  # ConcatenationWithScaling: float scale, std::round
+            scale = np.float32(si) * (np.float32(1.0) / np.float32(so))
+            bias = np.float32(-zi) * scale
+            y = v.to(torch.float32) * scale + bias
+            parts.append(torch.trunc(y + torch.copysign(torch.tensor(0.5), y)).to(torch.int64) + zo)
+        elif sim.integer:
+            y = (v.to(torch.float32) - zi) * np.float32(np.float32(si) / np.float32(so))
+            parts.append(rq.round_half_even_f32(y).to(torch.int64) + zo)
+        else:
+            y = sim.dequantized(i) / np.float32(so)
+            parts.append(torch.trunc(y + torch.copysign(torch.tensor(0.5), y)).to(torch.int64) + zo)
+    sim.set(out_i, torch.cat(parts, dim=axis).clamp(lo, hi).to(torch.int32))
+
+
+def _paddings(sim: Simulator, index: int) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in row) for row in sim.value(index).reshape(-1, 2).tolist()]
+
+
+@register("PAD", "PADV2")
+def _pad(sim: Simulator, op: Operator) -> None:
+    x = sim.value(op.inputs[0])
+    pads = _paddings(sim, op.inputs[1])
+    out = sim.meta(op.outputs[0])
+    if len(op.inputs) > 2 and op.inputs[2] >= 0:
+        fill = int(sim.value(op.inputs[2]).reshape(-1)[0])
+    else:
+        fill = out.zero_point if out.quantization is not None else 0
+    flat = [v for pair in reversed(pads) for v in pair]
+    sim.set(op.outputs[0], F.pad(x, flat, value=fill))
+
+
+@register("MIRROR_PAD")
+def _mirror_pad(sim: Simulator, op: Operator) -> None:
+    x = sim.value(op.inputs[0]).numpy()
+    mode = {"REFLECT": "reflect", "SYMMETRIC": "symmetric"}[op.options["mode"]]
+    sim.set(op.outputs[0], torch.from_numpy(np.pad(x, _paddings(sim, op.inputs[1]), mode=mode)))
+
+
+@register("RESHAPE")
+def _reshape(sim: Simulator, op: Operator) -> None:
+    x = sim.value(op.inputs[0])
+    if len(op.inputs) > 1 and op.inputs[1] >= 0:
+        shape = [int(v) for v in sim.value(op.inputs[1]).reshape(-1).tolist()]
+    else:
+        shape = list(op.options.get("new_shape") or [])
+    sim.set(op.outputs[0], x.reshape(shape))
+
+
+@register("SHAPE")
+def _shape(sim: Simulator, op: Operator) -> None:
+    sim.set(op.outputs[0], torch.tensor(list(sim.value(op.inputs[0]).shape), dtype=torch.int64))
+
+
+@register("STRIDED_SLICE")
+def _strided_slice(sim: Simulator, op: Operator) -> None:
+    o = op.options
+    if o.get("ellipsis_mask") or o.get("new_axis_mask"):
+        raise UserError(f"{sim.graph.path}: STRIDED_SLICE with ellipsis / new-axis masks is not simulated")
+    x = sim.value(op.inputs[0])
+    begin, end, strides = (sim.value(i).reshape(-1).tolist() for i in op.inputs[1:4])
+    index = []
+    for d, (b, e, s) in enumerate(zip(begin, end, strides)):
+        if o.get("shrink_axis_mask", 0) >> d & 1:
+            index.append(int(b))
+            continue
+        start = None if o.get("begin_mask", 0) >> d & 1 else int(b)
+        stop = None if o.get("end_mask", 0) >> d & 1 else (int(b) + int(e) if o.get("offset") else int(e))
+        index.append(slice(start, stop, int(s)))
+    sim.set(op.outputs[0], torch.as_tensor(np.array(x.numpy()[tuple(index)])))
+
+
+@register("PACK")
+def _pack(sim: Simulator, op: Operator) -> None:
+    values = [sim.value(i).to(torch.int64) if sim.value(i).dtype != torch.float32 else sim.value(i) for i in op.inputs]
+    sim.set(op.outputs[0], torch.stack(values, dim=op.options.get("axis", 0)))
+
+
+@register("QUANTIZE")
+def _quantize(sim: Simulator, op: Operator) -> None:
+    x_i, out_i = op.inputs[0], op.outputs[0]
+    so, zo = sim.qparams(out_i)
+    lo, hi = _QRANGE[sim.meta(out_i).dtype]
+    if sim.meta(x_i).dtype.kind == "f":  # AffineQuantize: float division, std::round
+        y = sim.value(x_i).to(torch.float32) / np.float32(so)
+        q = torch.trunc(y + torch.copysign(torch.tensor(0.5), y)) + zo
+        sim.set(out_i, q.clamp(lo, hi).to(torch.int32))
+        return
+    si, zi = sim.qparams(x_i)
+    if not sim.integer:
+        sim.quantize_output(out_i, sim.dequantized(x_i))
+        return
+    m, s = sim.multiplier(np.float64(si) / np.float64(so))
+    scale_f32 = torch.tensor(np.float32(si) / np.float32(so))
+    sim.requantized(out_i, sim.value(x_i).to(torch.int64) - zi, m, s, scale_f32, None)
+
+
+@register("DEQUANTIZE")
+def _dequantize(sim: Simulator, op: Operator) -> None:
+    s, z = sim.qparams(op.inputs[0])
+    v = (sim.value(op.inputs[0]).to(torch.float64) - z) * np.float64(s)
+    sim.set(op.outputs[0], v.to(torch.float32))
+
+
+@register("LOGISTIC", fake_quant_only=True)
+def _logistic(sim: Simulator, op: Operator) -> None:
+    sim.quantize_output(op.outputs[0], torch.sigmoid(sim.dequantized(op.inputs[0])))
+
+
+@register("HARD_SWISH", fake_quant_only=True)
+def _hard_swish(sim: Simulator, op: Operator) -> None:
+    x = sim.dequantized(op.inputs[0])
+    sim.quantize_output(op.outputs[0], x * (x + 3.0).clamp(0.0, 6.0) / 6.0)
