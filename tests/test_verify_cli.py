@@ -61,6 +61,7 @@ def test_json_report_has_every_stage_and_provenance(report, run):
         assert r["float_file"]["bytes"] > r["file"]["bytes"] and r["size_ratio"] > 2
         assert r["scheme_check"]["ok"], r["scheme_check"]
         assert r["where"] == "this host"
+        assert r["target_sim_encodings"].startswith("read from the exported file") and r["integer_sim"] is None
     # W4A8 is real: an int8 file holding only 4-bit levels, exported by verify itself
     w4 = json.loads((ws / "resnet20" / "export" / "tflite-int8-w4a8" / "manifest.json").read_text())
     assert w4["weights"]["weight_int_range"] == [-7, 7] and w4["weights"]["bits"] == "w4a8"
@@ -80,6 +81,16 @@ def test_reference_kernels_stay_close_to_the_simulation(report):
             s = r["sim_vs_real"]
             assert s["within_one_step"] >= 0.95, (r["target"], r["bits"], s)
             assert s["clear_margin_agreement"] is None or s["clear_margin_agreement"] >= 95
+
+
+def test_integer_simulator_stage_against_the_reference_kernels(run):
+    _, env = run
+    done = cli(["verify", "-d", "litert-ref", "--limit-images", "50", "--timing-runs", "2", "--integer-sim", "--json"], env)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout)["rows"][0]
+    vs_real = row["integer_sim"]["vs_real"]
+    assert row["integer_sim"]["rounding"] == "double" and vs_real["images"] == 50
+    assert vs_real["max_step_diff"] <= 1 and vs_real["within_one_step"] == 1.0
 
 
 def test_max_gap_exit_codes(report, run):

@@ -68,6 +68,7 @@ def verify_command(
     target_file: List[Path] = typer.Option([], "--target-file", help="Extra target .toml file (repeatable)."),
     timing_runs: Optional[int] = typer.Option(None, "--timing-runs", min=1, max=100000, help="Timed batch-1 runs (default: the target's)."),
     max_gap: Optional[float] = typer.Option(None, "--max-gap", min=0.0, help="Exit 1 when any |Δ top-1| (target sim vs real) exceeds X points."),
+    integer_sim: bool = typer.Option(False, "--integer-sim", help="Also run the integer simulator on TFLite files (the file's own integer arithmetic; slower)."),
     no_export: bool = typer.Option(False, "--no-export", help="Refuse instead of running a missing export first."),
     workspace: Optional[Path] = typer.Option(None, "--workspace", help="Workspace folder (default ./ghnq-runs or $GHNQ_WORKSPACE)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
@@ -91,7 +92,7 @@ def verify_command(
     cfg = VerifyConfig(devices=[t.name for t in targets], bits=bit_list, data=data, eval_set=eval_set,
                        limit_images=limit_images, host=host, emulator=emulator,
                        ssh_config=str(ssh_config) if ssh_config else None, timing_runs=timing_runs,
-                       export_missing=not no_export)
+                       export_missing=not no_export, integer_sim=integer_sim)
     if as_json:
         report, error = verify(model_path, targets, cfg)
     else:

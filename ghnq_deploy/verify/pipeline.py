@@ -36,7 +36,9 @@ from ghnq_deploy.verify.target import Target
 
 REPORT_FORMAT = "ghnq-deploy/verify"
 SIM_BATCH = 64  # the paper protocol's batch for batch-statistics BN
-FLOAT_TIMING_IMAGES = 16  # the float file runs for latency / size only: a few images suffice
+FLOAT_TIMING_IMAGES = 16
+# target-file rounding -> integer simulator rounding mode
+ROUNDING = {"double": "double", "single": "single", "fp32": "xnnpack"}  # the float file runs for latency / size only: a few images suffice
 
 
 class VerifyError(UserError):
@@ -55,6 +57,7 @@ class VerifyConfig:
     ssh_config: str | None = None
     timing_runs: int | None = None
     export_missing: bool = True
+    integer_sim: bool = False  # also run the integer simulator (TFLite files; slower than the runtime)
 
 
 @dataclass
@@ -173,6 +176,16 @@ class Stages:
         self.seconds = {"float": time.perf_counter() - start}
         self._paper: dict[str, np.ndarray] = {}
         self._target: dict[tuple[str, str], np.ndarray] = {}
+        self._file_sims: dict[tuple[str, str, str], np.ndarray] = {}
+
+    def file_sim(self, sha: str, arithmetic: str, rounding: str, run) -> np.ndarray:
+        """A simulation of one exported file (shared by the targets that consume the same file)."""
+        key = (sha, arithmetic, rounding)
+        if key not in self._file_sims:
+            start = time.perf_counter()
+            self._file_sims[key] = run()
+            self.seconds[f"{arithmetic}_sim_{rounding}_{sha[:8]}"] = time.perf_counter() - start
+        return self._file_sims[key]
 
     def check_calibration(self, manifest: dict) -> None:
         want = manifest.get("calibration", {}).get("sha256")
@@ -261,8 +274,24 @@ def verify_target(stages: Stages, target: Target, cfg: VerifyConfig, model_path:
             row["real"] = True
             model_file, manifest = ensure_export(model_path, fmt_name, bits, cfg.export_missing, notes)
             stages.check_calibration(manifest)
-            sim = stages.target_sim(bits, "tflite-int8")
             inputs = host_inputs(fmt, manifest, stages.x.numpy())
+            int_sim = None
+            if fmt.family == "tflite":  # simulate the file itself: its graph, scales and zero points
+                from ghnq_deploy.quant import tflite_sim
+
+                sha = manifest["file"]["sha256"]
+                sim_raw = stages.file_sim(sha, "fake-quant", "double",
+                                          lambda: tflite_sim.simulate(model_file, inputs, "fake-quant"))
+                if cfg.integer_sim:
+                    mode = ROUNDING[target.scheme.rounding]
+                    int_sim = stages.file_sim(sha, "integer", mode, lambda: tflite_sim.simulate(
+                        model_file, inputs, "integer", rounding=mode))
+                row["target_sim_encodings"] = "read from the exported file (fake-quant execution of its graph)"
+            else:
+                sim_raw = None
+                sim = stages.target_sim(bits, "tflite-int8")
+                row["target_sim_encodings"] = ("calibrated by the torch simulator on the export's calibration set "
+                                               "(same scheme; not read from the file)")
             request = RunRequest(model_file, inputs, runtime.runner_arg, target.kernels, target.threads,
                                  timing_runs=cfg.timing_runs or target.timing_runs, warmup=target.warmup)
             try:
@@ -272,7 +301,7 @@ def verify_target(stages: Stages, target: Target, cfg: VerifyConfig, model_path:
                 rows.append(row)
                 return rows, exc
             real, scale, zero = _real_steps(fmt, manifest, result.raw)
-            sim_steps = cmp.to_steps(sim, scale, zero, quantize=True)
+            sim_steps = sim_raw.astype(np.float64) if sim_raw is not None else cmp.to_steps(sim, scale, zero, True)
             float_steps = cmp.to_steps(stages.float_logits, scale, zero, quantize=False)
             sim_vs_real = cmp.compare(sim_steps, real, labels)
             float_vs_real = cmp.compare(float_steps, real, labels)
@@ -280,6 +309,10 @@ def verify_target(stages: Stages, target: Target, cfg: VerifyConfig, model_path:
                 "target_sim_top1": sim_vs_real.reference_top1, "real_top1": sim_vs_real.real_top1,
                 "delta_top1_pt": sim_vs_real.delta_top1_pt, "sim_vs_real": sim_vs_real.to_dict(),
                 "float_vs_real": float_vs_real.to_dict(),
+                "integer_sim": None if int_sim is None else {
+                    "rounding": target.scheme.rounding,
+                    "vs_real": cmp.compare(int_sim.astype(np.float64), real, labels).to_dict(),
+                    "vs_target_sim": cmp.compare(sim_steps, int_sim.astype(np.float64), labels).to_dict()},
                 "latency": cmp.latency_summary(result.latency_ms),
                 "peak_rss_mb": result.meta.get("peak_rss_mb"),
                 "file": {"name": model_file.name, "sha256": manifest["file"]["sha256"],
@@ -341,7 +374,8 @@ def verify(model_path: Path, targets: list[Target], cfg: VerifyConfig) -> tuple[
         "images": {"description": images.description, "count": int(len(images.labels)), "sha256": images.sha256},
         "calibration": {"description": stages.calibration.description, "sha256": stages.calibration.sha256},
         "stages": ["float (torch, BN calibrated and folded)", "paper fake-quant (batch-statistics BN)",
-                   "target-scheme fake-quant (running BN folded, calibrated ranges)", "real fixed-point run"],
+                   "target-scheme fake-quant (TFLite: the file's own encodings)", "integer simulator (TFLite files)",
+                   "real fixed-point run"],
         "rows": rows, "notes": notes,
         "host": {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version(),
                  "cpus": os.cpu_count()},
