@@ -141,3 +141,22 @@ def test_verify_over_ssh_through_an_alias(run, tmp_path):
         assert list(srv.remote_tmp.glob("ghnq-verify.*")) == []
     finally:
         srv.stop()
+
+
+@pytest.mark.slow
+def test_verify_on_the_emulated_pi(run):
+    """aarch64 LiteRT under QEMU (cortex-a72): the ARM kernels' outputs against the file's simulation."""
+    from ghnq_deploy.verify import emulator
+
+    missing = emulator.check_system_packages()
+    if missing:
+        pytest.skip(f"missing system packages: {', '.join(missing)}")
+    emulator.setup("rpi4")  # cached outside the clone: reused when already prepared
+    _, env = run
+    done = cli(["verify", "-d", "rpi4", "--emulator", "qemu", "--limit-images", "100", "--timing-runs", "3",
+                "--json"], env)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout)["rows"][0]
+    assert row["where"].startswith("emulated") and row["device"]["emulated"] is True
+    assert row["device"]["machine"] == "aarch64" and "Cortex-A72" in row["device"]["cpu"]
+    assert row["sim_vs_real"]["within_one_step"] >= 0.99
