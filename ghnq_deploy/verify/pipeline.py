@@ -276,19 +276,22 @@ def verify_target(stages: Stages, target: Target, cfg: VerifyConfig, model_path:
             stages.check_calibration(manifest)
             inputs = host_inputs(fmt, manifest, stages.x.numpy())
             int_sim = None
+            sim_raw, sim = None, None
             if fmt.family == "tflite":  # simulate the file itself: its graph, scales and zero points
                 from ghnq_deploy.quant import tflite_sim
 
                 sha = manifest["file"]["sha256"]
-                sim_raw = stages.file_sim(sha, "fake-quant", "double",
-                                          lambda: tflite_sim.simulate(model_file, inputs, "fake-quant"))
-                if cfg.integer_sim:
-                    mode = ROUNDING[target.scheme.rounding]
-                    int_sim = stages.file_sim(sha, "integer", mode, lambda: tflite_sim.simulate(
-                        model_file, inputs, "integer", rounding=mode))
-                row["target_sim_encodings"] = "read from the exported file (fake-quant execution of its graph)"
-            else:
-                sim_raw = None
+                try:
+                    sim_raw = stages.file_sim(sha, "fake-quant", "double",
+                                              lambda: tflite_sim.simulate(model_file, inputs, "fake-quant"))
+                    if cfg.integer_sim:
+                        mode = ROUNDING[target.scheme.rounding]
+                        int_sim = stages.file_sim(sha, "integer", mode, lambda: tflite_sim.simulate(
+                            model_file, inputs, "integer", rounding=mode))
+                    row["target_sim_encodings"] = "read from the exported file (fake-quant execution of its graph)"
+                except UserError as exc:  # an op the file simulator does not know yet: say so, use torch's
+                    notes.append(f"{model_file.name}: file simulator unavailable ({exc}); target sim from torch")
+            if sim_raw is None:
                 sim = stages.target_sim(bits, "tflite-int8")
                 row["target_sim_encodings"] = ("calibrated by the torch simulator on the export's calibration set "
                                                "(same scheme; not read from the file)")
