@@ -81,9 +81,55 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, multiplier, shift, roundin
     right = (-s).clamp(min=0)
     if bool((left > 0).any()):
         x = _wrap32(x << left)  # int32 multiply by 1 << left_shift in C++
-    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x, m), right)
+    if bool((m < 0).any()):  # never from QuantizeMultiplier; keep the general (slower) path exact
+        return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x, m), right)
+    return _double_round_fast(x, m, right)
+
+
+def _double_round_fast(x: torch.Tensor, m: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """SaturatingRoundingDoublingHighMul then RoundingDivideByPOT for multipliers >= 0, in fewer
+    int64 passes: no saturation case exists (it needs both operands equal to INT32_MIN), and the
+    truncating division by 2^31 is a shift plus a correction for negative products."""
+    v = x * m
+    neg = v < 0
+    v += 1 << 30
+    v -= neg.to(torch.int64) * ((1 << 31) - 1)  # nudge 1 - 2^30 for negative products
+    high = v >> 31
+    high += neg & ((v & ((1 << 31) - 1)) != 0)  # floor -> trunc toward zero
+    if not bool(right.any()):
+        return high
+    mask = (torch.ones_like(right) << right) - 1
+    threshold = (mask >> 1) + (high < 0)
+    return (high >> right) + ((high & mask) > threshold)
 
 
 def round_half_even_f32(x: torch.Tensor) -> torch.Tensor:
     """lrintf in the default mode: fp32 ties to even (XNNPACK's requantization rounding)."""
     return torch.round(x.to(torch.float32))
+
+
+def requantize_float_exact(acc: torch.Tensor, multiplier: np.ndarray, shift: np.ndarray,
+                           rounding: str = "double") -> torch.Tensor | None:
+    """The same result as :func:`multiply_by_quantized_multiplier` computed in float64 passes.
+
+    Exact when every |acc * multiplier| < 2^52 and no shift is positive: then acc * m / 2^31
+    and each rounding step are exact in float64 (SRDHM rounds half up, RoundingDivideByPOT
+    half away from zero). Returns None when the bound does not hold (callers use the int path).
+    """
+    m = np.asarray(multiplier, dtype=np.int64)
+    s = np.asarray(shift, dtype=np.int64)
+    if (s > 0).any() or (m < 0).any():
+        return None
+    peak = float(acc.abs().max()) if acc.numel() else 0.0
+    if peak * float(m.max(initial=0)) >= 2.0 ** 52:
+        return None
+    acc = acc.to(torch.float64)
+    if rounding == "single":
+        v = acc * torch.from_numpy(m.astype(np.float64) * np.exp2(-(31.0 - s)))
+        return torch.floor_(v.add_(0.5))
+    v = acc * torch.from_numpy(m.astype(np.float64) * 2.0 ** -31)
+    high = torch.floor_(v.add_(0.5))
+    if not s.any():
+        return high
+    high.mul_(torch.from_numpy(np.exp2(s.astype(np.float64))))
+    return torch.trunc_(high.add_(torch.copysign(torch.tensor(0.5, dtype=torch.float64), high)))

@@ -145,16 +145,22 @@ class Simulator:
         q = torch.trunc(y + torch.copysign(torch.tensor(0.5, dtype=torch.float32), y)) + zero
         self.set(out_index, q.clamp(lo, hi).to(torch.int32))
 
-    def requantized(self, out_index: int, acc: torch.Tensor, multiplier, shift, scale_f32, activation) -> None:
+    def requantized(self, out_index: int, acc: torch.Tensor, multiplier, shift, scale_f32, activation,
+                    rounding: str | None = None) -> None:
         """integer: int32 accumulator -> output via the multiplier (or fp32 scale), + zero point, clamp."""
         _, zero = self.qparams(out_index)
         lo, hi = self.activation_range(out_index, activation)
-        if self.rounding == "xnnpack":
+        rounding = rounding or self.rounding
+        if rounding == "xnnpack":
             y = acc.to(torch.float32) * scale_f32
             y = y.clamp(float(lo - zero), float(hi - zero))
             out = rq.round_half_even_f32(y).to(torch.int64) + zero
         else:
-            out = rq.multiply_by_quantized_multiplier(acc, multiplier, shift, self.rounding) + zero
+            fast = rq.requantize_float_exact(acc, multiplier, shift, rounding)
+            if fast is not None:
+                self.set(out_index, fast.add_(zero).clamp_(lo, hi).to(torch.int32))
+                return
+            out = rq.multiply_by_quantized_multiplier(acc.to(torch.int64), multiplier, shift, rounding) + zero
         self.set(out_index, out.clamp(lo, hi).to(torch.int32))
 
     def multiplier(self, real) -> tuple[np.ndarray, np.ndarray]:
@@ -308,9 +314,9 @@ def _conv_common(sim: Simulator, op: Operator, depthwise: bool) -> None:
     y = F.conv2d(xc, p.weight, stride=(sh, sw), dilation=(dh, dw), groups=groups).permute(0, 2, 3, 1)
     act = o.get("fused_activation_function")
     if sim.integer:
-        acc = torch.round(y).to(torch.int64)
+        acc = y.to(torch.float64)  # exact integers; + int32 bias stays exact in float64
         if p.bias is not None:
-            acc = acc + p.bias
+            acc = acc + p.bias.to(torch.float64)
         sim.requantized(out_i, acc, p.multiplier, p.shift, p.scale_f32, act)
     else:
         if p.bias is not None:
@@ -365,10 +371,13 @@ def _fully_connected(sim: Simulator, op: Operator) -> None:
     if sim.integer:
         _, in_zero = sim.qparams(x_i)
         x = (sim.value(x_i).to(torch.int64) - in_zero).to(p.dtype).reshape(-1, k)
-        acc = torch.round(x @ p.weight).to(torch.int64)
+        acc = (x @ p.weight).to(torch.float64)
         if p.bias is not None:
-            acc = acc + p.bias
-        sim.requantized(out_i, acc, p.multiplier, p.shift, p.scale_f32, o.get("fused_activation_function"))
+            acc = acc + p.bias.to(torch.float64)
+        # measured against BUILTIN_REF (ai-edge-litert 2.3): the per-channel int8 FULLY_CONNECTED
+        # reference kernel requantizes with single rounding even in double-rounding builds
+        rounding = "single" if sim.rounding == "double" and p.multiplier.size > 1 else None
+        sim.requantized(out_i, acc, p.multiplier, p.shift, p.scale_f32, o.get("fused_activation_function"), rounding)
     else:
         y = sim.dequantized(x_i).reshape(-1, k) @ p.weight
         if p.bias is not None:
