@@ -243,11 +243,43 @@ def resolve_image_set(name_or_path: str | os.PathLike | None, default: str = DEF
     return path
 
 
+_EXPECTED = "expected an .npz archive (np.savez) with x: uint8 (N, 32, 32, 3) and y: labels"
+
+
+def sniff_kind(path: Path) -> str | None:
+    """What a file that should be an .npz really is, from its first bytes; None for a zip archive."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(512)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if head.startswith(b"PK"):
+        return None
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x93NUMPY"):
+        return "a single .npy array (np.save), not an .npz archive"
+    if head[:1] == b"\x80":
+        return "a Python pickle"
+    if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8\xff"):
+        return "an image file (PNG / JPEG)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary data that is not a zip archive"
+    if "," in text.split("\n", 1)[0]:
+        return "a text file that looks like CSV"
+    return "a text file"
+
+
 def load_image_set(name_or_path: str | os.PathLike | None = None, default: str = DEFAULT_CALIBRATION,
                    image_shape: tuple[int, int, int] = (3, 32, 32), min_count: int = 1,
                    num_classes: int = 10) -> ImageSetFile:
     """Load and validate a set: shipped by name, or an .npz with ``x`` (uint8 NHWC) and ``y``."""
     path = resolve_image_set(name_or_path, default)
+    kind = sniff_kind(path)
+    if kind is not None:
+        raise CalibrationError(f"{path}: this is {kind}; {_EXPECTED}")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -263,11 +295,17 @@ def load_image_set(name_or_path: str | os.PathLike | None = None, default: str =
     if "meta" in arrays:
         try:
             meta = json.loads(str(arrays["meta"]))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, ValueError):
             raise CalibrationError(f"{path}: 'meta' is not JSON") from None
+        if not isinstance(meta, dict):
+            raise CalibrationError(f"{path}: 'meta' must be a JSON object")
     meta.setdefault("description", f"{path.name} ({len(images)} images)")
     meta.setdefault("count", len(images))
-    index = arrays["index"].astype(np.int64) if "index" in arrays else None
+    index = arrays.get("index")
+    if index is not None:
+        if index.dtype.kind not in "iu" or index.shape != (len(images),):
+            raise CalibrationError(f"{path}: 'index' must hold one integer row index per image")
+        index = index.astype(np.int64)
     return ImageSetFile(images, labels, meta, path, file_sha256(path), index)
 
 

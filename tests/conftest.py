@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import random
 from pathlib import Path
 
 import pytest
+
+from ghnq_deploy.export.tflite import triton_first
+
+# triton imported after TensorFlow segfaults (docs/platform-notes "Segfault"); torch imports it lazily
+# from torch.optim, so any test order that runs an export before a training test would crash
+triton_first()
 
 _SHARED_CIFAR10 = Path("/work/shared/data/cifar10")
 
@@ -36,3 +44,14 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``GHNQ_TEST_SHUFFLE=<seed>``: run the collected tests in a seeded random order.
+
+    The suite must not depend on its order (an earlier test importing something a later one
+    needs by chance); this is how that is checked without pytest-randomly.
+    """
+    seed = os.environ.get("GHNQ_TEST_SHUFFLE")
+    if seed:
+        random.Random(int(seed)).shuffle(items)

@@ -111,13 +111,13 @@ def evaluate(
     if len(set(names)) != len(names):
         raise ArchError("two arch files share a name; names identify nets in the report")
 
+    ghn, info = load_ghn_checkpoint(checkpoint)  # a bad checkpoint is refused before the data loads
     images = load_test_images(cfg)  # data problems surface before any GHN work
     # process-wide speed settings, once every input is known to be good
     tune_malloc()
     torch.set_flush_denormal(True)  # denormal floats cost ~100x per op on x86; flushing them moves no accuracy
     if threads is not None:
         torch.set_num_threads(threads)
-    ghn, info = load_ghn_checkpoint(checkpoint)
     columns = [TextColumn("[bold]evaluate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False, disable=as_json) as progress:

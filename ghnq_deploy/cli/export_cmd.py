@@ -144,7 +144,7 @@ def export_command(
 @calibration_app.command("build")
 def calibration_build(
     data: Optional[str] = typer.Option(None, "--data", help="CIFAR-10 folder (npz copy or cifar-10-batches-py); default: $GHNQ_CIFAR10 or a known place."),
-    n: int = typer.Option(1000, "-n", "--count", help="Images to draw (class-balanced: n/10 per class)."),
+    n: int = typer.Option(1000, "-n", "--count", min=10, max=60_000, help="Images to draw (class-balanced: n/10 per class)."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed of the draw: the same seed and data give a byte-identical file."),
     out: Path = typer.Option(..., "-o", "--output", "--out", help="Output .npz file (--out is the old spelling)."),
     split: str = typer.Option("train", "--split", help="train (calibration) or test (evaluation); also val, train-all."),

@@ -20,6 +20,7 @@ Exactness rules of the translation:
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -35,12 +36,28 @@ FLOAT_FILE = "model.float32.tflite"
 INT8_FILE = "model.full-int8.tflite"
 
 
+def triton_first() -> None:
+    """Import triton (when installed) before TensorFlow ever is.
+
+    torch 2.14's CUDA build imports triton lazily (torch.optim -> dynamo), and triton imported
+    after TensorFlow segfaults the process (docs/platform-notes: "Segfault"); the other order is
+    harmless and costs ~0.15 s once.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent or broken triton: nothing to protect
+        pass
+
+
 class TFLiteExportError(UserError):
     """A net the TFLite route cannot express, or a failed conversion; one line."""
 
 
 def _tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the converter logs pages of INFO lines
+    triton_first()
     with quiet_native_output():  # CUDA-stub and CPU-feature lines on first import
         import tensorflow as tf
 

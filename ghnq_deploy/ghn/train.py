@@ -29,7 +29,8 @@ from ghnq_deploy.arch.sampler import sample_arch
 from ghnq_deploy.data import ImageSet, augment, load_cifar10, normalize
 from ghnq_deploy.ghn.graph import build_graph
 from ghnq_deploy.ghn.model import BIT_OPTIONS, GHNQ, GHNConfig
-from ghnq_deploy.ghn.checkpoint import CheckpointError, check_finite, load_ghn_checkpoint, torch_load_file
+from ghnq_deploy.ghn.checkpoint import (CheckpointError, check_finite, load_ghn_checkpoint, read_checkpoint,
+                                        resolve_checkpoint, torch_load_file)
 from ghnq_deploy.io import atomic_torch_save, atomic_write_text
 from ghnq_deploy.quant.range_balance import range_balance_penalty
 from ghnq_deploy.quant.scheme import QuantScheme, qat_scheme
@@ -184,6 +185,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult]
     scheme = qat_scheme(cfg.qat_scheme) if cfg.qat_bits else cfg.qat_scheme
     out = Path(cfg.out_dir)
     resume_state = _resume_state(out / "last.pt", cfg) if resume else None  # refused before any work
+    if cfg.init_from and not resume:
+        read_checkpoint(resolve_checkpoint(cfg.init_from))  # likewise a bad --init-from
     images = load_cifar10("train", cfg.data)
     if cfg.train_images:
         images = images.subset(cfg.train_images)
