@@ -170,5 +170,6 @@ def import_(
                   f"{info.macs:,} MACs", highlight=False, soft_wrap=True)
     if info.params > DEFAULT_PARAM_CAP:
         console.print(f"note: {info.params:,} parameters exceed the architecture space's cap of "
-                      f"{DEFAULT_PARAM_CAP:,}; pass --param-cap to commands that read this file", highlight=False,
+                      f"{DEFAULT_PARAM_CAP:,} (the GHN's training space): predict, evaluate and export accept it "
+                      "(their --param-cap is off by default), `arch check` needs --param-cap", highlight=False,
                       soft_wrap=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -73,6 +74,7 @@ def evaluate(
     data: Optional[str] = typer.Option(None, help="CIFAR-10 folder (npz copy or cifar-10-batches-py)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write evaluation.json, per_network.csv, table1.md, PNG."),
     threads: Optional[int] = typer.Option(None, help="torch intra-op threads (use 1 on a machine shared with a job)."),
+    param_cap: Optional[int] = typer.Option(None, "--param-cap", help="Refuse arch files above this many parameters (default: no cap)."),
     as_json: bool = typer.Option(False, "--json", help="Print the aggregates as JSON instead of the table."),
 ) -> None:
     """Predict parameters with GHN-Q and report float vs quantized CIFAR-10 accuracy (paper Table 1)."""
@@ -103,7 +105,8 @@ def evaluate(
     for s in splits:
         nets += [NetInput(spec, s) for spec in sample_split(s, n, seed)]
     for p in paths or []:
-        nets += [NetInput(load_spec(f), "files") for f in _arch_files(p)]
+        nets += [NetInput(load_spec(f, param_cap=sys.maxsize if param_cap is None else param_cap), "files")
+                 for f in _arch_files(p)]
     names = [x.spec.name for x in nets if x.split == "files"]
     if len(set(names)) != len(names):
         raise ArchError("two arch files share a name; names identify nets in the report")

@@ -99,6 +99,7 @@ def export_command(
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the accuracy measurement after export."),
     resolver: str = typer.Option("xnnpack", "--resolver", help="LiteRT kernels for the TFLite evaluation: xnnpack, builtin or reference."),
     parity_tolerance: float = typer.Option(1e-4, "--parity-tolerance", help="onnx / tflite: refuse the file if its logits differ from torch's by more than this (max abs)."),
+    param_cap: Optional[int] = typer.Option(None, "--param-cap", help="Refuse nets above this many parameters (default: no cap)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", "-o", help="Output folder (default: <run>/export/<target>)."),
     workspace: Optional[Path] = typer.Option(None, "--workspace", help="Workspace folder (default ./ghnq-runs or $GHNQ_WORKSPACE)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON instead of tables."),
@@ -118,14 +119,16 @@ def export_command(
     if as_json:
         result = export(model_path, target, calibration=calibration, out_dir=out_dir,
                         calibration_method=calibration_method, eval_set=eval_set, eval_count=eval_count,
-                        evaluate_file=not no_eval, resolver=resolver, parity_tolerance=parity_tolerance)
+                        evaluate_file=not no_eval, resolver=resolver, parity_tolerance=parity_tolerance,
+                        param_cap=param_cap)
         typer.echo(json.dumps({"model_file": str(result.model_file), "manifest_file": str(result.manifest_file),
                                "manifest": result.manifest}, indent=1))
         return
     with console.status(f"exporting {model_path} to {target} (calibrate BN, fold, convert, evaluate)"):
         result = export(model_path, target, calibration=calibration, out_dir=out_dir,
                         calibration_method=calibration_method, eval_set=eval_set, eval_count=eval_count,
-                        evaluate_file=not no_eval, resolver=resolver, parity_tolerance=parity_tolerance)
+                        evaluate_file=not no_eval, resolver=resolver, parity_tolerance=parity_tolerance,
+                        param_cap=param_cap)
     _print_export(result, model_path)
 
 

@@ -263,7 +263,8 @@ def _write_atomically(out_dir: Path, build: Callable[[Path], list[Path]]) -> lis
 def export(model_path: str | os.PathLike, target: str, calibration: str | os.PathLike | None = None,
            out_dir: str | os.PathLike | None = None, calibration_method: str | None = None,
            eval_set: str | os.PathLike | None = None, eval_count: int | None = None, evaluate_file: bool = True,
-           resolver: str = "xnnpack", parity_tolerance: float | None = PARITY_TOLERANCE) -> ExportResult:
+           resolver: str = "xnnpack", parity_tolerance: float | None = PARITY_TOLERANCE,
+           param_cap: int | None = None) -> ExportResult:
     """Export a predicted model file to ``target``; writes ``<out_dir>/<file>`` and ``manifest.json``.
 
     ``calibration``/``eval_set``: shipped set names or .npz files (default: the shipped sets).
@@ -286,7 +287,7 @@ def export(model_path: str | os.PathLike, target: str, calibration: str | os.Pat
     if model_path.is_dir():
         model_path = model_path / "model.pt"
     total_start = time.perf_counter()
-    predicted = load_predicted(model_path)
+    predicted = load_predicted(model_path, param_cap=param_cap)
     spec = predicted.spec
     cal = load_calibration(calibration, image_shape=spec.input_shape, min_count=MIN_CALIBRATION_IMAGES,
                            num_classes=spec.num_classes)
