@@ -51,6 +51,14 @@ def shuffle_spec() -> ArchSpec:
     return _net("channel_shuffle", body, "c2")
 
 
+def slice_spec() -> ArchSpec:
+    """ShuffleNetV2's unit: split the channels, convolve one half, concatenate, shuffle."""
+    body = [_n("r", "relu", ["b1"]), _n("lo", "channel_slice", ["r"], start=0, stop=4),
+            _n("hi", "channel_slice", ["r"], start=4, stop=8), _n("c2", "conv", ["hi"], out_channels=4, kernel=1),
+            _n("cat", "concat", ["lo", "c2"]), _n("sh", "channel_shuffle", ["cat"], groups=2)]
+    return _net("channel_slice", body, "sh")
+
+
 def ceil_pool_spec() -> ArchSpec:
     """Ceil-mode max-pools after a ReLU (SqueezeNet / GoogLeNet) and on signed values."""
     body = [_n("r", "relu", ["b1"]), _n("mp", "maxpool", ["r"], kernel=3, stride=2, ceil_mode=True),
@@ -75,6 +83,7 @@ NEW_OP_NETS: dict[str, tuple] = {
     "sigmoid": (lambda: _act("sigmoid"), {"LOGISTIC"}),
     "se": (se_spec, {"MUL"}),
     "channel_shuffle": (shuffle_spec, {"RESHAPE", "TRANSPOSE"}),
+    "channel_slice": (slice_spec, {"STRIDED_SLICE", "CONCATENATION", "TRANSPOSE"}),
     "ceil_maxpool": (ceil_pool_spec, {"MAX_POOL_2D"}),
     "adaptive_avgpool": (adaptive_spec, {"AVERAGE_POOL_2D", "RESIZE_NEAREST_NEIGHBOR", "CONCATENATION"}),
 }

@@ -72,6 +72,17 @@ class AdaptiveAvgPool(nn.AdaptiveAvgPool2d):
         return x
 
 
+class ChannelSlice(nn.Module):
+    """Channels ``start:stop`` (ShuffleNetV2's ``chunk``)."""
+
+    def __init__(self, start: int, stop: int):
+        super().__init__()
+        self.start, self.stop = start, stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.start:self.stop]
+
+
 _ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid,
                 "silu": nn.SiLU, "sigmoid": nn.Sigmoid}
 
@@ -115,6 +126,8 @@ def _make_module(node: Node, in_shapes: list[tuple[int, ...]], bn_running_stats:
         return AdaptiveAvgPool(node.attr("output_size"))
     if op == "channel_shuffle":
         return ChannelShuffle(node.attr("groups"))
+    if op == "channel_slice":
+        return ChannelSlice(node.attr("start"), node.attr("stop"))
     if op == "mul":
         return Mul()
     if op == "global_avgpool":

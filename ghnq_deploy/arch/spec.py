@@ -47,6 +47,7 @@ OP_ATTRIBUTES: dict[str, dict[str, tuple[type, Any]]] = {
     "global_avgpool": {},
     "adaptive_avgpool": {"output_size": (int, REQUIRED)},  # torch AdaptiveAvgPool2d, square output
     "channel_shuffle": {"groups": (int, REQUIRED)},  # ShuffleNet: (g, C/g) -> (C/g, g) channel order
+    "channel_slice": {"start": (int, REQUIRED), "stop": (int, REQUIRED)},  # channels start..stop-1 (chunk)
     "mul": {},  # elementwise product; the second input may be a (C,1,1) gate (squeeze-excitation)
     "linear": {"out_features": (int, REQUIRED), "bias": (bool, True)},
     "add": {},
@@ -302,7 +303,8 @@ def _infer_node(spec: ArchSpec, node: Node, in_shapes: list[tuple[int, ...]]) ->
     if op in _MULTI_INPUT_OPS and len(in_shapes) < 2:
         raise fail(f"op '{op}' needs at least two inputs")
     x = in_shapes[0]
-    if op in ("conv", "bn", "maxpool", "avgpool", "global_avgpool", "adaptive_avgpool", "channel_shuffle") \
+    if op in ("conv", "bn", "maxpool", "avgpool", "global_avgpool", "adaptive_avgpool", "channel_shuffle",
+              "channel_slice") \
             and len(x) != 3:
         raise fail(f"op '{op}' needs a (C,H,W) feature map, got shape {x}")
     if op == "conv":
@@ -350,6 +352,11 @@ def _infer_node(spec: ArchSpec, node: Node, in_shapes: list[tuple[int, ...]]) ->
         if groups < 1 or x[0] % groups:
             raise fail(f"channel_shuffle groups={groups} must be >= 1 and divide the {x[0]} channels")
         return NodeInfo(x, 0, 0)
+    if op == "channel_slice":
+        start, stop = node.attr("start"), node.attr("stop")
+        if not 0 <= start < stop <= x[0]:
+            raise fail(f"channel_slice needs 0 <= start < stop <= {x[0]} channels, got {start}..{stop}")
+        return NodeInfo((stop - start,) + x[1:], 0, 0)
     if op == "mul":
         gate = (x[0],) + (1,) * (len(x) - 1)
         if any(s != x and s != gate for s in in_shapes[1:]):

@@ -186,6 +186,8 @@ def _build_keras_model(model: ArchNet):
             y = keras.ops.reshape(x, (-1, hh, ww, g, ch // g))
             y = keras.ops.reshape(keras.ops.transpose(y, (0, 1, 2, 4, 3)), (-1, hh, ww, ch))
             positive = nonneg[inputs[0]]
+        elif op == "channel_slice":
+            y, positive = x[:, :, :, module.start:module.stop], nonneg[inputs[0]]
         elif op == "adaptive_avgpool":
             y, positive = _adaptive_pool(keras, node_id, x, shapes[inputs[0]][1:], module.output_size), nonneg[inputs[0]]
         elif op in ("maxpool", "avgpool"):

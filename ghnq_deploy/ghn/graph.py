@@ -29,7 +29,8 @@ LEGACY_NUM_PRIMITIVES = 12
 PRIM_INDEX = {p: i for i, p in enumerate(PRIMITIVES)}
 # activations leave no trace (GHN-2, ghn2-design.md 1.2): the GHN sees the same graph for
 # ReLU, hard-swish or SiLU nets; the squeeze-excitation product is the "cse" node
-_REMOVED_OPS = {"relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "identity", "output"}
+# (a channel slice too: its consumers' weight shapes already say how many channels they read)
+_REMOVED_OPS = {"relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "identity", "channel_slice", "output"}
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ class SimulationError(UserError):
 class Step:
     """One fused op of the compiled network."""
 
-    kind: str  # conv, linear, bn, act, sigmoid, silu, mul, shuffle, maxpool, avgpool, adaptive, gap, add, concat, alias
+    kind: str  # conv, linear, bn, act, sigmoid, silu, mul, shuffle, slice, maxpool, avgpool, adaptive, gap, add, concat, alias
     out: str  # the id whose value this step produces (the last node it absorbed)
     inputs: tuple[str, ...]
     nodes: tuple[str, ...]  # spec node ids folded into this step
@@ -139,6 +139,8 @@ def compile_plan(net: nn.Module, fuse_activations: bool = True) -> list[Step]:
             plan.append(Step("mul", node_id, node.inputs, (node_id,)))
         elif op == "channel_shuffle":  # reshape / transpose / reshape: values and grid unchanged
             plan.append(Step("shuffle", node_id, node.inputs, (node_id,), kwargs={"groups": mod.groups}))
+        elif op == "channel_slice":  # STRIDED_SLICE keeps its input's grid
+            plan.append(Step("slice", node_id, node.inputs, (node_id,), kwargs={"start": mod.start, "stop": mod.stop}))
         elif op == "adaptive_avgpool":
             plan.append(Step("adaptive", node_id, node.inputs, (node_id,), kwargs={"output_size": mod.output_size}))
         elif op in ("maxpool", "avgpool"):
@@ -384,6 +386,8 @@ def run_plan(plan: list[Step], params: dict[str, torch.Tensor], x: torch.Tensor,
             n, c, h, w = xin.shape
             g = step.kwargs["groups"]
             out, qp = xin.reshape(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w), qps[step.inputs[0]]
+        elif kind == "slice":
+            out, qp = xin[:, step.kwargs["start"]:step.kwargs["stop"]], qps[step.inputs[0]]
         elif kind == "adaptive":
             size = step.kwargs["output_size"]
             h = xin.shape[-1]
