@@ -98,7 +98,7 @@ def export_command(
     eval_count: Optional[int] = typer.Option(None, "--eval-count", help="Evaluate on the first N images of the evaluation set only."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the accuracy measurement after export."),
     resolver: str = typer.Option("xnnpack", "--resolver", help="LiteRT kernels for the TFLite evaluation: xnnpack, builtin or reference."),
-    parity_tolerance: float = typer.Option(1e-4, "--parity-tolerance", help="onnx / tflite: refuse the file if its logits differ from torch's by more than this (max abs)."),
+    parity_tolerance: float = typer.Option(1e-4, "--parity-tolerance", help="onnx / tflite: refuse the file if its max |logit difference| from torch exceeds this x (1 + max |logit| / 10) (the mean: a tenth of that)."),
     param_cap: Optional[int] = typer.Option(None, "--param-cap", help="Refuse nets above this many parameters (default: no cap)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", "-o", help="Output folder (default: <run>/export/<target>)."),
     workspace: Optional[Path] = typer.Option(None, "--workspace", help="Workspace folder (default ./ghnq-runs or $GHNQ_WORKSPACE)."),
