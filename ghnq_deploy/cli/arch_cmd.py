@@ -127,6 +127,8 @@ def sample(
     n: int = typer.Option(10, "-n", "--count", help="How many architectures to write."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed: the same seed gives byte-identical files."),
     out: Path = typer.Option(..., "-o", "--out", help="Folder to write <name>.json files into (created if missing)."),
+    space: int = typer.Option(2, "--space", help="Architecture space: 2 (with MobileNetV3 / EfficientNet / ShuffleNet "
+                                                 "blocks) or 1 (the shipped checkpoints' space)."),
 ) -> None:
     """Sample architectures of one split of the architecture space (docs/architecture-space.md)."""
     from ghnq_deploy.arch.sampler import SPLITS, sample_arch
@@ -138,7 +140,7 @@ def sample(
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
     for index in range(n):
-        spec = sample_arch(split, seed, index)
+        spec = sample_arch(split, seed, index, space=space)
         save_spec(spec, out / f"{spec.name}.json")
     console.print(f"wrote {n} {split} architectures (seed {seed}) to {out}", highlight=False)
 
@@ -171,5 +173,5 @@ def import_(
     if info.params > DEFAULT_PARAM_CAP:
         console.print(f"note: {info.params:,} parameters exceed the architecture space's cap of "
                       f"{DEFAULT_PARAM_CAP:,} (the GHN's training space): predict, evaluate and export accept it "
-                      "(their --param-cap is off by default), `arch check` needs --param-cap", highlight=False,
+                      "(their --param-cap is off by default); `arch show` and `arch validate` need --param-cap", highlight=False,
                       soft_wrap=True)

@@ -102,8 +102,15 @@ def evaluate(
     if splits and n < 1:
         raise EvalError(f"-n must be at least 1, got {n}")
     nets: list[NetInput] = []
+    if splits:  # the architecture space the checkpoint was trained on (space 1: the shipped ones)
+        from ghnq_deploy.arch.sampler import space_for
+        from ghnq_deploy.ghn.checkpoint import read_checkpoint, resolve_checkpoint
+        from ghnq_deploy.ghn.model import GHNConfig
+
+        config = read_checkpoint(resolve_checkpoint(checkpoint)).get("config", {})
+        space = space_for(GHNConfig.from_dict(config if isinstance(config, dict) else {}).num_primitives)
     for s in splits:
-        nets += [NetInput(spec, s) for spec in sample_split(s, n, seed)]
+        nets += [NetInput(spec, s) for spec in sample_split(s, n, seed, space=space)]
     for p in paths or []:
         nets += [NetInput(load_spec(f, param_cap=sys.maxsize if param_cap is None else param_cap), "files")
                  for f in _arch_files(p)]
