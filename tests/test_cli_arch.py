@@ -143,7 +143,7 @@ def test_import_factory_file(cli, tmp_path: Path):
 def test_import_torchvision_above_cap(cli, tmp_path: Path):
     out_file = tmp_path / "r18.json"
     code, out, _ = cli("arch", "import", "torchvision:resnet18", "-o", str(out_file))
-    assert code == 0 and "11,181,642 params" in out and "pass --param-cap" in out
+    assert code == 0 and "11,181,642 params" in out and "`arch show` and `arch validate` need --param-cap" in out
     code, _, err = cli("arch", "show", str(out_file))
     assert_one_error_line(code, err, "11,181,642 parameters exceed the cap of 10,000,000")
     code, out, _ = cli("arch", "show", str(out_file), "--param-cap", "20000000", "--json")

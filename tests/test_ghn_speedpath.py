@@ -118,7 +118,7 @@ def ghn():
 @pytest.fixture(scope="module")
 def graphs():
     specs = [load_spec(EXAMPLES / "resnet20.json"), load_spec(EXAMPLES / "bnfree_cnn.json"), _wide_spec(),
-             sample_arch("id-test", 0, 0), sample_arch("ood-mobilenet", 0, 1)]
+             sample_arch("id-test", 0, 0, space=1), sample_arch("ood-mobilenet", 0, 1)]  # the checkpoint's space
     return [build_graph(s) for s in specs]
 
 

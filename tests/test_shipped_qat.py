@@ -28,7 +28,7 @@ def _top1(checkpoint: str) -> dict[str, float]:
     torch.set_num_threads(1)
     try:
         ghn, info = load_ghn_checkpoint(checkpoint)
-        nets = [NetInput(s, "id-test") for s in sample_split("id-test", 6, 0)]
+        nets = [NetInput(s, "id-test") for s in sample_split("id-test", 6, 0, space=1)]  # the checkpoints' space
         report = evaluate(ghn, info, nets, EvalConfig(bits=("fp32", "w8a8", "w4a8", "w4a4"), limit_images=256))
     finally:
         torch.set_num_threads(before)

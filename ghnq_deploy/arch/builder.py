@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -19,6 +21,72 @@ class Add(nn.Module):
 class Concat(nn.Module):
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         return torch.cat(xs, dim=1)
+
+
+class Mul(nn.Module):
+    """Elementwise product; a (N, C, 1, 1) second input broadcasts (a squeeze-excitation gate)."""
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        out = xs[0]
+        for x in xs[1:]:
+            out = out * x
+        return out
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNet's shuffle: channels viewed as (groups, C/groups), transposed, flattened back."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        return x.reshape(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+def adaptive_windows(size_in: int, size_out: int) -> list[tuple[int, int]]:
+    """torch's adaptive-pooling windows along one axis: [floor(i*n/o), ceil((i+1)*n/o))."""
+    return [((i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)) for i in range(size_out)]
+
+
+class AdaptiveAvgPool(nn.AdaptiveAvgPool2d):
+    """AdaptiveAvgPool2d that an ONNX export can express for any sizes.
+
+    The TorchScript exporter only handles output sizes that divide the input; while
+    exporting, the same windows are written as average pools, nearest upsampling or, in
+    general, slices + means + concats (exact: each window's mean is a mean of row means).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return super().forward(x)
+        size = self.output_size if isinstance(self.output_size, int) else self.output_size[0]
+        h, w = int(x.shape[-2]), int(x.shape[-1])  # static sizes: the windows must be constants of the file
+        if h == w and h % size == 0:
+            return nn.functional.avg_pool2d(x, h // size)
+        if h == w and size % h == 0:
+            return nn.functional.interpolate(x, size=(size, size), mode="nearest")
+        for dim, n in ((2, h), (3, w)):
+            parts = [(x[:, :, a:b] if dim == 2 else x[:, :, :, a:b]).mean(dim=dim, keepdim=True)
+                     for a, b in adaptive_windows(n, size)]
+            x = torch.cat(parts, dim=dim)
+        return x
+
+
+class ChannelSlice(nn.Module):
+    """Channels ``start:stop`` (ShuffleNetV2's ``chunk``)."""
+
+    def __init__(self, start: int, stop: int):
+        super().__init__()
+        self.start, self.stop = start, stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.start:self.stop]
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid,
+                "silu": nn.SiLU, "sigmoid": nn.Sigmoid}
 
 
 class GlobalAvgPool(nn.Module):
@@ -45,16 +113,25 @@ def _make_module(node: Node, in_shapes: list[tuple[int, ...]], bn_running_stats:
         )
     if op == "bn":
         return nn.BatchNorm2d(in_shapes[0][0], eps=node.attr("eps"), track_running_stats=bn_running_stats)
-    if op == "relu":
-        return nn.ReLU()
-    if op == "relu6":
-        return nn.ReLU6()
+    if op in _ACTIVATIONS:
+        return _ACTIVATIONS[op]()
     if op in ("identity", "output"):
         return nn.Identity()
-    if op in ("maxpool", "avgpool"):
-        cls = nn.MaxPool2d if op == "maxpool" else nn.AvgPool2d
+    if op == "maxpool":
         k = node.attr("kernel")
-        return cls(k, stride=node.attr("stride") or k, padding=node.attr("padding"))
+        return nn.MaxPool2d(k, stride=node.attr("stride") or k, padding=node.attr("padding"),
+                            ceil_mode=node.attr("ceil_mode"))
+    if op == "avgpool":
+        k = node.attr("kernel")
+        return nn.AvgPool2d(k, stride=node.attr("stride") or k, padding=node.attr("padding"))
+    if op == "adaptive_avgpool":
+        return AdaptiveAvgPool(node.attr("output_size"))
+    if op == "channel_shuffle":
+        return ChannelShuffle(node.attr("groups"))
+    if op == "channel_slice":
+        return ChannelSlice(node.attr("start"), node.attr("stop"))
+    if op == "mul":
+        return Mul()
     if op == "global_avgpool":
         return GlobalAvgPool()
     if op == "linear":
@@ -75,7 +152,7 @@ class ArchNet(nn.Module):
     def __init__(self, spec: ArchSpec, info: ArchInfo | None = None, bn_running_stats: bool = True):
         super().__init__()
         self.spec = spec
-        self.info = info or analyze(spec)
+        self.info = info or analyze(spec, param_cap=sys.maxsize)  # size limits belong to whoever loaded the spec
         shapes = {INPUT_ID: spec.input_shape, **{k: v.shape for k, v in self.info.nodes.items()}}
         by_id = {n.id: n for n in spec.nodes}
         self.layers = nn.ModuleDict()

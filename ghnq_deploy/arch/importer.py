@@ -58,6 +58,7 @@ class _Value:
     node: str
     spec_shape: Shape
     shape: Shape
+    pooled_from: _Value | None = None  # a keepdim global pool: the map it averaged (for SE convs)
 
     @property
     def is_map(self) -> bool:
@@ -69,12 +70,37 @@ class _Meta:
     """A traced non-tensor (``x.size(0)``, ``x.shape``): only usable as a view size."""
 
 
+@dataclass(frozen=True)
+class _Grouped:
+    """``x.view(b, g, C/g, H, W)`` of a feature map (half of a channel shuffle), maybe transposed."""
+
+    value: _Value
+    groups: int
+    transposed: bool = False
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    """``x.chunk(k, dim=1)`` / ``split``: channel ranges, each becoming a channel_slice when indexed."""
+
+    value: _Value
+    bounds: tuple[tuple[int, int], ...]
+
+
 class _Poison:
     """Result of an unsupported op; consumers stay silent so each problem is listed once."""
 
 
 _META, _POISON = _Meta(), _Poison()
-_ACT_MODULES: dict[type, str] = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+_ACT_MODULES: dict[type, str] = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish",
+                                 nn.Hardsigmoid: "hardsigmoid", nn.SiLU: "silu", nn.Sigmoid: "sigmoid"}
+_ACT_FUNCTIONS = {F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.silu: "silu", torch.sigmoid: "sigmoid",
+                  F.sigmoid: "sigmoid"}
+_ACT_METHODS = {"sigmoid": "sigmoid"}
+_MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
+# families whose ops (LayerNorm, GELU, attention, permutes) have no int8 edge path here
+OUT_OF_SCOPE = {"convnext": "ConvNeXt models", "vit_": "vision transformers (ViT)", "swin": "Swin transformers",
+                "maxvit": "MaxViT"}
 _ALIAS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
@@ -141,6 +167,7 @@ class _Importer:
     problems: dict[str, list[str]] = field(default_factory=dict)  # description -> where
     values: dict[fx.Node, Any] = field(default_factory=dict)
     used_ids: set[str] = field(default_factory=lambda: {INPUT_ID, "output"})
+    pool_maps: dict[str, _Value] = field(default_factory=dict)  # pooled map id -> its adaptive_avgpool(1)
 
     # ------------------------------------------------------------------ helpers
 
@@ -183,10 +210,24 @@ class _Importer:
                 return _POISON
             if not isinstance(v, _Value):
                 return self.problem(f"{what} with a non-tensor operand", fx_node)
+            if need_map and not v.is_map and v.pooled_from is not None and len(v.shape) == 3:
+                v = self.map_pool(fx_node, v)  # SE: a 1x1 conv on the pooled vector needs the (C,1,1) map
             if need_map and not v.is_map:
                 return self.problem(f"{what} on a reshaped tensor of shape {list(v.shape)}", fx_node)
             out.append(v)
         return out
+
+    def map_pool(self, fx_node: fx.Node, v: _Value) -> _Value:
+        """The (C,1,1) map a keepdim global pool produced, as an adaptive_avgpool(1) node (made once)."""
+        source = v.pooled_from
+        if source.node not in self.pool_maps:
+            c = source.shape[0]
+            node_id = self.new_id(fx_node) + "_pool"
+            self.used_ids.add(node_id)
+            self.nodes.append(Node(node_id, "adaptive_avgpool", (source.node,), {"output_size": 1}))
+            self.expected[node_id] = (c, 1, 1)
+            self.pool_maps[source.node] = _Value(node_id, (c, 1, 1), (c, 1, 1))
+        return self.pool_maps[source.node]
 
     # ------------------------------------------------------------------ ops
 
@@ -253,11 +294,13 @@ class _Importer:
             return args
         return self.emit(n, op, args, args[0].spec_shape, args[0].shape)
 
-    def pool(self, n: fx.Node, op: str, x: Any, kernel: Any, stride: Any, padding: Any, ok: bool) -> Any:
+    def pool(self, n: fx.Node, op: str, x: Any, kernel: Any, stride: Any, padding: Any, ok: bool,
+             ceil_mode: bool = False) -> Any:
         k, p = _pair(kernel), _pair(padding)
         s = k if stride is None or stride == [] else _pair(stride)
         if None in (k, s, p) or not ok:
-            return self.problem(f"{op} with non-square, dilated, ceil_mode or count_include_pad=False settings", n)
+            what = "dilated or return_indices" if op == "maxpool" else "ceil_mode, divisor_override or count_include_pad=False"
+            return self.problem(f"{op} with non-square, {what} settings", n)
         args = self.tensors(n, [x], op, need_map=True)
         if args is _POISON:
             return args
@@ -266,6 +309,9 @@ class _Importer:
             attrs["stride"] = s
         if p:
             attrs["padding"] = p
+        if ceil_mode and self.traced_shape(n)[1:] != tuple(
+                (h + 2 * p - k) // s + 1 for h in args[0].shape[1:]):  # ceil changes nothing: leave it out
+            attrs["ceil_mode"] = True
         return self.emit(n, op, args, self.traced_shape(n), **attrs)
 
     def global_pool(self, n: fx.Node, x: Any, keepdim: bool) -> Any:
@@ -273,7 +319,8 @@ class _Importer:
         if args is _POISON:
             return args
         c = args[0].shape[0]
-        return self.emit(n, "global_avgpool", args, (c,), (c, 1, 1) if keepdim else (c,))
+        v = self.emit(n, "global_avgpool", args, (c,), (c, 1, 1) if keepdim else (c,))
+        return _Value(v.node, v.spec_shape, v.shape, pooled_from=args[0]) if keepdim else v
 
     def adaptive_pool(self, n: fx.Node, x: Any, size: Any) -> Any:
         v = self.values.get(x)
@@ -286,7 +333,9 @@ class _Importer:
                 return self.global_pool(n, x, keepdim=True)
             if target == v.shape[1:]:
                 return v  # output size equals input size: a no-op
-        return self.problem(f"adaptive_avg_pool2d to output size {size!r} (only 1 is supported)", n)
+            if target[0] == target[1]:
+                return self.emit(n, "adaptive_avgpool", [v], (v.shape[0], *target), output_size=target[0])
+        return self.problem(f"adaptive_avg_pool2d to output size {size!r} (only square sizes are supported)", n)
 
     def flatten(self, n: fx.Node, x: Any, start: Any, end: Any = -1) -> Any:
         v = self.values.get(x)
@@ -300,6 +349,14 @@ class _Importer:
         v = self.values.get(n.args[0])
         if v is _POISON:
             return v
+        traced = self.traced_shape(n)
+        if isinstance(v, _Value) and v.is_map and traced is not None and len(traced) == 4 \
+                and traced[0] * traced[1] == v.shape[0] and traced[2:] == v.shape[1:]:
+            return _Grouped(v, traced[0])  # (b, g, C/g, H, W): the first half of a channel shuffle
+        if isinstance(v, _Grouped) and traced is not None and traced == v.value.shape:
+            if not v.transposed:
+                return v.value
+            return self.emit(n, "channel_shuffle", [v.value], v.value.shape, groups=v.groups)
         sizes = n.args[1:]
         if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
             sizes = tuple(sizes[0])
@@ -310,6 +367,39 @@ class _Importer:
             if batch_ok and rest in (-1, numel):
                 return _Value(v.node, v.spec_shape, (numel,))
         return self.problem(f"Tensor.{n.target} other than to (batch, -1)", n)
+
+    def transpose(self, n: fx.Node) -> Any:
+        v = self.values.get(n.args[0])
+        if v is _POISON:
+            return v
+        dims = {_arg(n, 1, "dim0"), _arg(n, 2, "dim1")}
+        if isinstance(v, _Grouped) and dims == {1, 2}:
+            return _Grouped(v.value, v.groups, not v.transposed)
+        return self.problem("transpose other than a channel shuffle's (view to groups, transpose(1, 2), view back)", n)
+
+    def chunk(self, n: fx.Node, split: bool) -> Any:
+        args = self.tensors(n, [n.args[0]], "Tensor.split" if split else "Tensor.chunk", need_map=True)
+        if args is _POISON:
+            return args
+        x = args[0]
+        c = x.shape[0]
+        dim = _arg(n, 2, "dim", 0)
+        amount = _arg(n, 1, "split_size_or_sections" if split else "chunks")
+        if dim not in (1, -3) or not isinstance(amount, int) or amount < 1:
+            return self.problem(f"chunk/split along dim={dim} (only the channel dim 1 with an int is supported)", n)
+        size = amount if split else -(-c // amount)
+        return _Chunks(x, tuple((a, min(a + size, c)) for a in range(0, c, size)))
+
+    def mul(self, n: fx.Node, a: Any, b: Any) -> Any:
+        args = self.tensors(n, [a, b], "mul", need_map=True)
+        if args is _POISON:
+            return args
+        x, g = args
+        if x.shape != g.shape and x.shape == (g.shape[0], 1, 1):  # gate * x (torchvision's SE order)
+            x, g = g, x
+        if g.shape != x.shape and g.shape != (x.shape[0], 1, 1):
+            return self.problem("mul of tensors other than same shapes or a per-channel (C,1,1) gate", n)
+        return self.emit(n, "mul", [x, g], x.spec_shape)
 
     def add(self, n: fx.Node, a: Any, b: Any) -> Any:
         args = self.tensors(n, [a, b], "add", need_map=False)
@@ -361,8 +451,8 @@ class _Importer:
         if isinstance(m, _ALIAS_MODULES):
             return self.alias(n, x)
         if isinstance(m, nn.MaxPool2d):
-            ok = _pair(m.dilation) == 1 and not m.ceil_mode and not m.return_indices
-            return self.pool(n, "maxpool", x, m.kernel_size, m.stride, m.padding, ok)
+            ok = _pair(m.dilation) == 1 and not m.return_indices
+            return self.pool(n, "maxpool", x, m.kernel_size, m.stride, m.padding, ok, m.ceil_mode)
         if isinstance(m, nn.AvgPool2d):
             ok = not m.ceil_mode and m.divisor_override is None and (m.count_include_pad or _pair(m.padding) == 0)
             return self.pool(n, "avgpool", x, m.kernel_size, m.stride, m.padding, ok)
@@ -374,7 +464,7 @@ class _Importer:
 
     def alias(self, n: fx.Node, x: Any) -> Any:
         v = self.values.get(x)
-        return v if isinstance(v, _Value) or v is _POISON else self.problem("identity of a non-tensor", n)
+        return v if isinstance(v, (_Value, _Grouped)) or v is _POISON else self.problem("identity of a non-tensor", n)
 
     def visit_function(self, n: fx.Node) -> Any:
         f = n.target
@@ -382,6 +472,23 @@ class _Importer:
             base = self.values.get(n.args[0])
             if base is _META or (isinstance(base, _Value) and f is getattr and n.args[1] == "shape"):
                 return _META
+            if isinstance(base, _Chunks) and f is operator.getitem and isinstance(n.args[1], int) \
+                    and -len(base.bounds) <= n.args[1] < len(base.bounds):
+                start, stop = base.bounds[n.args[1]]
+                if (start, stop) == (0, base.value.shape[0]):
+                    return base.value
+                return self.emit(n, "channel_slice", [base.value], (stop - start, *base.value.shape[1:]),
+                                 start=start, stop=stop)
+        elif f is operator.floordiv and self.values.get(n.args[0]) is _META:
+            return _META  # channels // groups in a channel shuffle
+        elif f in _MUL_FUNCTIONS:
+            return self.mul(n, n.args[0], n.args[1])
+        elif f in _ACT_FUNCTIONS:
+            return self.act(n, _ACT_FUNCTIONS[f], n.args[0])
+        elif getattr(f, "__name__", "") == "stochastic_depth" and "torchvision" in getattr(f, "__module__", ""):
+            return self.alias(n, n.args[0])  # identity at inference (the model is traced in eval mode)
+        elif f is torch.transpose:
+            return self.transpose(n)
         elif f in _ADD_FUNCTIONS:
             if f is torch.add and _arg(n, 2, "alpha", 1) != 1:
                 return self.problem("torch.add with alpha != 1", n)
@@ -393,10 +500,9 @@ class _Importer:
         elif f is F.dropout or f is F.dropout2d:
             return self.alias(n, n.args[0])
         elif f is F.max_pool2d:
-            ok = _pair(_arg(n, 4, "dilation", 1)) == 1 and not _arg(n, 5, "ceil_mode", False) \
-                and not _arg(n, 6, "return_indices", False)
+            ok = _pair(_arg(n, 4, "dilation", 1)) == 1 and not _arg(n, 6, "return_indices", False)
             return self.pool(n, "maxpool", n.args[0], _arg(n, 1, "kernel_size"), _arg(n, 2, "stride"),
-                             _arg(n, 3, "padding", 0), ok)
+                             _arg(n, 3, "padding", 0), ok, bool(_arg(n, 5, "ceil_mode", False)))
         elif f is F.avg_pool2d:
             pad = _arg(n, 3, "padding", 0)
             ok = not _arg(n, 4, "ceil_mode", False) and _arg(n, 6, "divisor_override") is None \
@@ -426,6 +532,14 @@ class _Importer:
             return self.flatten(n, n.args[0], _arg(n, 1, "start_dim", 0), _arg(n, 2, "end_dim", -1))
         if name in ("view", "reshape"):
             return self.view(n)
+        if name in _ACT_METHODS:
+            return self.act(n, _ACT_METHODS[name], n.args[0])
+        if name in ("mul", "mul_", "__mul__"):
+            return self.mul(n, n.args[0], n.args[1])
+        if name == "transpose":
+            return self.transpose(n)
+        if name in ("chunk", "split"):
+            return self.chunk(n, name == "split")
         if name == "mean":
             return self.mean(n)
         if name == "contiguous":
@@ -564,6 +678,12 @@ def resolve_source(source: str, num_classes: int) -> nn.Module:
         raise ArchError(f"source {source!r} must look like 'torchvision:resnet18' or 'package.module:factory'")
     if prefix == "torchvision":
         import torchvision
+
+        for stem, family in OUT_OF_SCOPE.items():
+            if attr.startswith(stem):
+                raise ArchError(f"torchvision:{attr}: {family} are out of scope (LayerNorm, GELU, attention and "
+                                "permutes have no int8 edge path here); supported: ResNet, VGG, MobileNetV2/V3, "
+                                "EfficientNet, MnasNet, ShuffleNetV2, SqueezeNet, GoogLeNet, DenseNet, RegNet")
 
         names = torchvision.models.list_models(module=torchvision.models)
         if attr not in names:

@@ -44,16 +44,25 @@ OP_ATTRIBUTES: dict[str, dict[str, tuple[type, Any]]] = {
     "relu": {},
     "relu6": {},
     "identity": {},
-    "maxpool": {"kernel": (int, 2), "stride": (int, None), "padding": (int, 0)},
+    "hardswish": {},
+    "hardsigmoid": {},
+    "silu": {},
+    "sigmoid": {},
+    "maxpool": {"kernel": (int, 2), "stride": (int, None), "padding": (int, 0), "ceil_mode": (bool, False)},
     "avgpool": {"kernel": (int, 2), "stride": (int, None), "padding": (int, 0)},
     "global_avgpool": {},
+    "adaptive_avgpool": {"output_size": (int, REQUIRED)},  # torch AdaptiveAvgPool2d, square output
+    "channel_shuffle": {"groups": (int, REQUIRED)},  # ShuffleNet: (g, C/g) -> (C/g, g) channel order
+    "channel_slice": {"start": (int, REQUIRED), "stop": (int, REQUIRED)},  # channels start..stop-1 (chunk)
+    "mul": {},  # elementwise product; the second input may be a (C,1,1) gate (squeeze-excitation)
     "linear": {"out_features": (int, REQUIRED), "bias": (bool, True)},
     "add": {},
     "concat": {},
     "output": {},
 }
 OPS = tuple(OP_ATTRIBUTES)
-_MULTI_INPUT_OPS = {"add", "concat"}
+_MULTI_INPUT_OPS = {"add", "concat", "mul"}
+ACTIVATION_OPS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid")
 
 
 class ArchError(UserError):
@@ -358,6 +367,16 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int =
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def pool_out(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool = False) -> int:
+    """torch's pooled size; with ``ceil_mode`` a last partial window counts if it starts inside the padded input."""
+    if not ceil_mode:
+        return _conv_out(size, kernel, stride, padding)
+    out = -(-(size + 2 * padding - kernel) // stride) + 1
+    if (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
 def _infer_node(spec: ArchSpec, node: Node, in_shapes: list[tuple[int, ...]]) -> NodeInfo:
     fail = lambda msg: _fail(spec.source, msg, node.id)  # noqa: E731
     op = node.op
@@ -366,7 +385,9 @@ def _infer_node(spec: ArchSpec, node: Node, in_shapes: list[tuple[int, ...]]) ->
     if op in _MULTI_INPUT_OPS and len(in_shapes) < 2:
         raise fail(f"op '{op}' needs at least two inputs")
     x = in_shapes[0]
-    if op in ("conv", "bn", "maxpool", "avgpool", "global_avgpool") and len(x) != 3:
+    if op in ("conv", "bn", "maxpool", "avgpool", "global_avgpool", "adaptive_avgpool", "channel_shuffle",
+              "channel_slice") \
+            and len(x) != 3:
         raise fail(f"op '{op}' needs a (C,H,W) feature map, got shape {x}")
     if op == "conv":
         c, h, w = x
@@ -389,7 +410,7 @@ def _infer_node(spec: ArchSpec, node: Node, in_shapes: list[tuple[int, ...]]) ->
         if not (math.isfinite(eps) and eps > 0):
             raise fail(f"eps must be a finite number > 0, got {eps!r}")
         return NodeInfo(x, 2 * x[0], 0)
-    if op in ("relu", "relu6", "identity"):
+    if op in ACTIVATION_OPS or op == "identity":
         return NodeInfo(x, 0, 0)
     if op in ("maxpool", "avgpool"):
         c, h, w = x
@@ -399,9 +420,31 @@ def _infer_node(spec: ArchSpec, node: Node, in_shapes: list[tuple[int, ...]]) ->
             raise fail("pool needs kernel >= 1, stride >= 1 and 0 <= padding <= kernel/2")
         if k > h + 2 * pad or k > w + 2 * pad:
             raise fail(f"kernel {k} is larger than the padded input {h}x{w}")
-        return NodeInfo((c, _conv_out(h, k, stride, pad), _conv_out(w, k, stride, pad)), 0, 0)
+        ceil = op == "maxpool" and node.attr("ceil_mode")
+        return NodeInfo((c, pool_out(h, k, stride, pad, ceil), pool_out(w, k, stride, pad, ceil)), 0, 0)
     if op == "global_avgpool":
         return NodeInfo((x[0],), 0, 0)
+    if op == "adaptive_avgpool":
+        size = node.attr("output_size")
+        if size < 1:
+            raise fail("output_size must be >= 1")
+        return NodeInfo((x[0], size, size), 0, 0)
+    if op == "channel_shuffle":
+        groups = node.attr("groups")
+        if groups < 1 or x[0] % groups:
+            raise fail(f"channel_shuffle groups={groups} must be >= 1 and divide the {x[0]} channels")
+        return NodeInfo(x, 0, 0)
+    if op == "channel_slice":
+        start, stop = node.attr("start"), node.attr("stop")
+        if not 0 <= start < stop <= x[0]:
+            raise fail(f"channel_slice needs 0 <= start < stop <= {x[0]} channels, got {start}..{stop}")
+        return NodeInfo((stop - start,) + x[1:], 0, 0)
+    if op == "mul":
+        gate = (x[0],) + (1,) * (len(x) - 1)
+        if any(s != x and s != gate for s in in_shapes[1:]):
+            raise fail(f"mul needs inputs of the first input's shape {list(x)} or a per-channel gate {list(gate)}, "
+                       f"got {[list(s) for s in in_shapes]}")
+        return NodeInfo(x, 0, 0)
     if op == "linear":
         features = math.prod(x)
         out = node.attr("out_features")

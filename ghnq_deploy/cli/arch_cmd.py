@@ -131,6 +131,8 @@ def sample(
     n: int = typer.Option(10, "-n", "--count", min=1, max=SAMPLE_MAX, help="How many architectures to write."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Sampling seed: the same seed gives byte-identical files."),
     out: Path = typer.Option(..., "-o", "--output", "--out", help="Folder to write <name>.json files into (created if missing; --out is the old spelling)."),
+    space: int = typer.Option(2, "--space", min=1, max=2, help="Architecture space: 2 (with MobileNetV3 / EfficientNet / ShuffleNet "
+                                                 "blocks) or 1 (the shipped checkpoints' space)."),
 ) -> None:
     """Sample architectures of one split of the architecture space (docs/architecture-space.md)."""
     from ghnq_deploy.arch.sampler import SPLITS, sample_arch
@@ -142,7 +144,7 @@ def sample(
     check_output_dir(out)
     check_free_space(out, n * SAMPLE_BYTES_PER_SPEC, f"{n:,} specs")
     for index in range(n):
-        spec = sample_arch(split, seed, index)
+        spec = sample_arch(split, seed, index, space=space)
         save_spec(spec, out / f"{spec.name}.json")
     console.print(f"wrote {n} {split} architectures (seed {seed}) to {out}", highlight=False)
 
@@ -176,5 +178,6 @@ def import_(
                   f"{info.macs:,} MACs", highlight=False, soft_wrap=True)
     if info.params > DEFAULT_PARAM_CAP:
         console.print(f"note: {info.params:,} parameters exceed the architecture space's cap of "
-                      f"{DEFAULT_PARAM_CAP:,}; pass --param-cap to commands that read this file", highlight=False,
+                      f"{DEFAULT_PARAM_CAP:,} (the GHN's training space): predict, evaluate and export accept it "
+                      "(their --param-cap is off by default); `arch show` and `arch validate` need --param-cap", highlight=False,
                       soft_wrap=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -72,6 +73,7 @@ def evaluate(
     data: Optional[str] = typer.Option(None, help="CIFAR-10 folder (npz copy or cifar-10-batches-py)."),
     out: Optional[Path] = typer.Option(None, "--output", "-o", "--out", help="Folder for evaluation.json, per_network.csv, table1.md, PNG (--out is the old spelling)."),
     threads: Optional[int] = typer.Option(None, min=1, max=1024, help="torch intra-op threads (use 1 on a machine shared with a job)."),
+    param_cap: Optional[int] = typer.Option(None, "--param-cap", min=1, help="Refuse arch files above this many parameters (default: no cap)."),
     as_json: bool = typer.Option(False, "--json", help="Print the aggregates as JSON instead of the table."),
 ) -> None:
     """Predict parameters with GHN-Q and report float vs quantized CIFAR-10 accuracy (paper Table 1)."""
@@ -103,10 +105,18 @@ def evaluate(
     if splits and n < 1:
         raise EvalError(f"-n must be at least 1, got {n}")
     nets: list[NetInput] = []
+    if splits:  # the architecture space the checkpoint was trained on (space 1: the shipped ones)
+        from ghnq_deploy.arch.sampler import space_for
+        from ghnq_deploy.ghn.checkpoint import read_checkpoint, resolve_checkpoint
+        from ghnq_deploy.ghn.model import GHNConfig
+
+        config = read_checkpoint(resolve_checkpoint(checkpoint)).get("config", {})
+        space = space_for(GHNConfig.from_dict(config if isinstance(config, dict) else {}).num_primitives)
     for s in splits:
-        nets += [NetInput(spec, s) for spec in sample_split(s, n, seed)]
+        nets += [NetInput(spec, s) for spec in sample_split(s, n, seed, space=space)]
     for p in paths or []:
-        nets += [NetInput(load_spec(f), "files") for f in _arch_files(p)]
+        nets += [NetInput(load_spec(f, param_cap=sys.maxsize if param_cap is None else param_cap), "files")
+                 for f in _arch_files(p)]
     names = [x.spec.name for x in nets if x.split == "files"]
     if len(set(names)) != len(names):
         raise ArchError("two arch files share a name; names identify nets in the report")

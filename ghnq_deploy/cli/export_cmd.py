@@ -102,7 +102,8 @@ def export_command(
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the accuracy measurement after export."),
     resolver: Optional[str] = typer.Option(None, "--resolver", help="LiteRT kernels for the TFLite evaluation: xnnpack (default), builtin or reference."),
     bits: Optional[str] = typer.Option(None, "--bits", help="int8 targets: w8a8 (default) or w4a8 (an int8 file whose weights use only the 4-bit per-channel levels; folder export/<target>-w4a8)."),
-    parity_tolerance: float = typer.Option(1e-4, "--parity-tolerance", min=0.0, help="onnx / tflite: refuse the file if its logits differ from torch's by more than this (max abs)."),
+    parity_tolerance: float = typer.Option(1e-4, "--parity-tolerance", min=0.0, help="onnx / tflite: refuse the file if its max |logit difference| from torch exceeds this x (1 + max |logit| / 10) (the mean: a tenth of that)."),
+    param_cap: Optional[int] = typer.Option(None, "--param-cap", min=1, help="Refuse nets above this many parameters (default: no cap)."),
     out_dir: Optional[Path] = typer.Option(None, "--output", "-o", "--out-dir", help="Output folder (default: <run>/export/<target>); --out-dir is the old spelling."),
     workspace: Optional[Path] = typer.Option(None, "--workspace", help="Workspace folder (default ./ghnq-runs or $GHNQ_WORKSPACE)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON instead of tables."),
@@ -129,7 +130,7 @@ def export_command(
         result = export(model_path, target, calibration=calibration, out_dir=out_dir,
                         calibration_method=calibration_method, eval_set=eval_set, eval_count=eval_count,
                         evaluate_file=not no_eval, resolver=resolver, parity_tolerance=parity_tolerance,
-                        bits=bits)
+                        bits=bits, param_cap=param_cap)
         typer.echo(json.dumps({"model_file": str(result.model_file), "manifest_file": str(result.manifest_file),
                                "manifest": result.manifest}, indent=1))
         return
@@ -137,7 +138,7 @@ def export_command(
         result = export(model_path, target, calibration=calibration, out_dir=out_dir,
                         calibration_method=calibration_method, eval_set=eval_set, eval_count=eval_count,
                         evaluate_file=not no_eval, resolver=resolver, parity_tolerance=parity_tolerance,
-                        bits=bits)
+                        bits=bits, param_cap=param_cap)
     _print_export(result, model_path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
@@ -13,8 +14,8 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ghnq_deploy.arch.spec import ArchError, load_spec
-from ghnq_deploy.cli import app, console
+from ghnq_deploy.arch.spec import DEFAULT_PARAM_CAP, ArchError, load_info
+from ghnq_deploy.cli import app, console, err_console
 from ghnq_deploy.errors import UserError
 from ghnq_deploy.ghn.checkpoint import load_ghn_checkpoint
 from ghnq_deploy.ghn.model import BIT_OPTIONS
@@ -65,6 +66,7 @@ def predict(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write one model file here instead of a run folder."),
     meta_batch: int = typer.Option(16, min=1, max=4096, help="Nets per GHN forward pass when predicting a folder."),
     threads: Optional[int] = typer.Option(None, min=1, max=_MAX_THREADS, help=_THREADS_HELP),
+    param_cap: Optional[int] = typer.Option(None, "--param-cap", min=1, help="Refuse nets above this many parameters (default: no cap)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
 ) -> None:
     """Predict all parameters of the net(s) in ARCH with GHN-Q, in one forward pass per meta-batch.
@@ -79,7 +81,14 @@ def predict(
     files = _spec_files(arch)
     if output is not None and len(files) > 1:
         raise ArchError("--output takes a single arch file; use --workspace for a folder")
-    specs = [load_spec(f) for f in files]
+    cap = sys.maxsize if param_cap is None else param_cap
+    infos = [load_info(f, param_cap=cap) for f in files]
+    specs = [i.spec for i in infos]
+    for i in infos:
+        if i.params > DEFAULT_PARAM_CAP:  # outside the GHN's training space: said, not refused
+            err_console.print(f"note: {i.spec.name}: {i.params:,} parameters, above the {DEFAULT_PARAM_CAP:,} of the "
+                              "GHN's training architectures; predictions may be less accurate", highlight=False,
+                              soft_wrap=True)
     check_unique_names(specs)
     if output is not None:
         check_output_file(output)
@@ -90,7 +99,7 @@ def predict(
     rows = []
     for start in range(0, len(specs), max(1, meta_batch)):
         chunk = specs[start:start + meta_batch]
-        for model in run_predict(ghn, chunk, bits=bits, ghn_info=info):
+        for model in run_predict(ghn, chunk, bits=bits, ghn_info=info, param_cap=cap):
             if output is not None:
                 target = output
             else:

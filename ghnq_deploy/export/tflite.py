@@ -188,14 +188,46 @@ def _build_keras_model(model: ArchNet):
             y, positive = keras.layers.ReLU(name=node_id)(x), True
         elif op == "relu6":
             y, positive = keras.layers.ReLU(max_value=6.0, name=node_id)(x), True
+        elif op in _KERAS_ACTIVATIONS:
+            y, positive = keras.layers.Activation(_KERAS_ACTIVATIONS[op], name=node_id)(x), op in _POSITIVE_ACTS
         elif op in ("identity", "output"):
             y, positive = x, nonneg[inputs[0]]
+        elif op == "mul":
+            y = xs[0]
+            for other in xs[1:]:
+                y = keras.ops.multiply(y, other)  # a (N,1,1,C) gate broadcasts: one MUL
+            positive = all(nonneg[i] for i in inputs)
+        elif op == "channel_shuffle":
+            ch, hh, ww = shapes[inputs[0]]
+            g = module.groups
+            y = keras.ops.reshape(x, (-1, hh, ww, g, ch // g))
+            y = keras.ops.reshape(keras.ops.transpose(y, (0, 1, 2, 4, 3)), (-1, hh, ww, ch))
+            positive = nonneg[inputs[0]]
+        elif op == "channel_slice":
+            y, positive = x[:, :, :, module.start:module.stop], nonneg[inputs[0]]
+        elif op == "adaptive_avgpool":
+            y, positive = _adaptive_pool(keras, node_id, x, shapes[inputs[0]][1:], module.output_size), nonneg[inputs[0]]
         elif op in ("maxpool", "avgpool"):
             k = _pad_pair(module.kernel_size)
             s = _pad_pair(module.stride)
             p = _pad_pair(module.padding)
             positive = nonneg[inputs[0]]
-            if any(p):
+            extra = (0, 0)
+            if op == "maxpool" and module.ceil_mode:  # torch's last partial window: pad bottom / right
+                size = shapes[inputs[0]][1:]
+                out = shapes[node_id][1:]
+                extra = tuple(max(0, (o - 1) * st + kk - (n + 2 * pp)) for o, st, kk, n, pp in zip(out, s, k, size, p))
+            if any(extra):
+                if positive:
+                    x = keras.layers.ZeroPadding2D(((p[0], p[0] + extra[0]), (p[1], p[1] + extra[1])),
+                                                   name=f"{node_id}_pad")(x)
+                elif all(pp + e <= kk // 2 for pp, e, kk in zip(p, extra, k)):
+                    x = keras.ops.pad(x, [[0, 0], [p[0], p[0] + extra[0]], [p[1], p[1] + extra[1]], [0, 0]],
+                                      mode="symmetric")  # mirrored pixels stay in their window (see below)
+                else:
+                    raise TFLiteExportError(f"node '{node_id}': ceil-mode max-pool over signed values with this "
+                                            "kernel has no exact TFLite padding")
+            elif any(p):
                 if op == "maxpool" and not positive:
                     # torch pads with -inf. Symmetric mirror padding is exact too: every mirrored
                     # value is a copy of a pixel inside the same window (padding <= kernel/2),
@@ -225,6 +257,31 @@ def _build_keras_model(model: ArchNet):
             raise TFLiteExportError(f"node '{node_id}': op '{op}' has no TFLite translation")
         tensors[node_id], nonneg[node_id] = y, positive
     return keras.Model(tensors["input"], tensors[model.output_id], name=spec.name)
+
+
+_KERAS_ACTIVATIONS = {"hardswish": "hard_swish", "hardsigmoid": "hard_sigmoid", "silu": "silu",
+                      "sigmoid": "sigmoid"}
+_POSITIVE_ACTS = ("hardsigmoid", "sigmoid")
+
+
+def _adaptive_pool(keras, node_id: str, x, size_in: tuple[int, int], output_size):
+    """torch's AdaptiveAvgPool2d in NHWC: AVERAGE_POOL_2D, nearest upsampling, or slice means + concat."""
+    from ghnq_deploy.arch.builder import adaptive_windows
+
+    out = output_size if isinstance(output_size, int) else output_size[0]
+    h, w = size_in
+    if h == w and h % out == 0:
+        return keras.layers.AveragePooling2D(h // out, padding="valid", name=node_id)(x)
+    if h == w and out % h == 0:
+        # every output pixel copies one input pixel; UpSampling2D would become TILE, which LiteRT lacks in int8
+        return keras.layers.Resizing(out, out, interpolation="nearest", name=node_id)(x)
+    for axis, n in ((1, h), (2, w)):
+        parts = []
+        for a, b in adaptive_windows(n, out):
+            piece = x[:, a:b] if axis == 1 else x[:, :, a:b]
+            parts.append(keras.ops.mean(piece, axis=axis, keepdims=True))
+        x = keras.ops.concatenate(parts, axis=axis)
+    return x
 
 
 def _converter(keras_model):

@@ -11,6 +11,7 @@ nodes of one level at once. Virtual edges join every ancestor/descendant pair up
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,9 +22,16 @@ from ghnq_deploy.arch.spec import INPUT_ID, ArchInfo, ArchSpec, analyze
 PRIMITIVES = (
     "input", "conv", "sep_conv", "dil_conv", "linear", "bias", "bn",
     "sum", "concat", "max_pool", "avg_pool", "glob_avg",
+    "cse", "shuffle",
 )
+# GHN checkpoints trained before "cse" / "shuffle" existed embed only the first 12 types;
+# GHNConfig.num_primitives records how many a checkpoint knows (the vocabulary only grows at the end).
+LEGACY_NUM_PRIMITIVES = 12
 PRIM_INDEX = {p: i for i, p in enumerate(PRIMITIVES)}
-_REMOVED_OPS = {"relu", "relu6", "identity", "output"}
+# activations leave no trace (GHN-2, ghn2-design.md 1.2): the GHN sees the same graph for
+# ReLU, hard-swish or SiLU nets; the squeeze-excitation product is the "cse" node
+# (a channel slice too: its consumers' weight shapes already say how many channels they read)
+_REMOVED_OPS = {"relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "identity", "channel_slice", "output"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,7 @@ def _weight_primitive(groups: int, dilation: int) -> str:
 
 def build_graph(spec: ArchSpec, info: ArchInfo | None = None, s_max: int = 10) -> ArchGraph:
     """Computational graph of ``spec`` with real and virtual (shortest-path) edges."""
-    info = info or analyze(spec)
+    info = info or analyze(spec, param_cap=sys.maxsize)  # size limits belong to whoever loaded the spec
     shapes = {INPUT_ID: spec.input_shape, **{k: v.shape for k, v in info.nodes.items()}}
     by_id = {n.id: n for n in spec.nodes}
     prims: list[str] = ["input"]
@@ -114,8 +122,16 @@ def build_graph(spec: ArchSpec, info: ArchInfo | None = None, s_max: int = 10) -
         elif op in ("maxpool", "avgpool"):
             k = node.attr("kernel")
             exits[node_id] = [new_node("max_pool" if op == "maxpool" else "avg_pool", (1, 1, k, k), preds)]
+        elif op == "adaptive_avgpool":
+            size_in, size_out = shapes[node.inputs[0]][1], node.attr("output_size")
+            k = max(1, -(-size_in // size_out))  # the largest window torch's adaptive pooling uses
+            exits[node_id] = [new_node("avg_pool", (1, 1, k, k), preds)]
         elif op == "global_avgpool":
             exits[node_id] = [new_node("glob_avg", preds=preds)]
+        elif op == "mul":
+            exits[node_id] = [new_node("cse", preds=preds)]
+        elif op == "channel_shuffle":
+            exits[node_id] = [new_node("shuffle", preds=preds)]
         elif op == "add":
             exits[node_id] = [new_node("sum", preds=preds)]
         elif op == "concat":

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ghnq_deploy.ghn.graph import PRIMITIVES, ArchGraph, GraphBatch, SweepSchedule
+from ghnq_deploy.ghn.graph import LEGACY_NUM_PRIMITIVES, PRIMITIVES, ArchGraph, GraphBatch, SweepSchedule
 
 BIT_OPTIONS = ("fp32", "w8a8", "w4a8", "w4a4", "w2a2")  # index 0 = float
 CHECKPOINT_FORMAT = "ghnq-deploy/ghn-q"
@@ -39,11 +39,13 @@ class GHNConfig:
     input_shape: tuple[int, int, int] = (3, 32, 32)
     dataset: str = "cifar10"
     bit_conditioning: bool = False
+    num_primitives: int = len(PRIMITIVES)  # op types this GHN embeds: graph.PRIMITIVES[:num_primitives]
 
     @classmethod
     def from_dict(cls, data: dict) -> GHNConfig:
         known = {f for f in cls.__dataclass_fields__}
         values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("num_primitives", LEGACY_NUM_PRIMITIVES)  # saved before the field existed
         if "input_shape" in values:
             values["input_shape"] = tuple(values["input_shape"])
         return cls(**values)
@@ -145,7 +147,7 @@ class GHNQ(nn.Module):
     def __init__(self, config: GHNConfig | None = None):
         super().__init__()
         self.config = cfg = config or GHNConfig()
-        self.op_embedding = nn.Embedding(len(PRIMITIVES), cfg.hid)
+        self.op_embedding = nn.Embedding(cfg.num_primitives, cfg.hid)
         self.shape_encoder = ShapeEncoder(cfg.hid, cfg.num_classes)
         self.bit_embedding = nn.Embedding(len(BIT_OPTIONS), cfg.hid) if cfg.bit_conditioning else None
         if self.bit_embedding is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -10,7 +11,7 @@ import torch
 from ghnq_deploy.arch.builder import ArchNet, build_model
 from ghnq_deploy.arch.spec import ArchError, ArchSpec, analyze, parse_spec
 from ghnq_deploy.ghn.checkpoint import CheckpointError, check_finite, torch_load_file
-from ghnq_deploy.ghn.graph import build_graph
+from ghnq_deploy.ghn.graph import PRIMITIVES, ArchGraph, build_graph
 from ghnq_deploy.ghn.model import BIT_OPTIONS, GHNQ
 from ghnq_deploy.io import atomic_torch_save
 
@@ -54,17 +55,32 @@ def check_compatible(ghn: GHNQ, spec: ArchSpec) -> None:
                         f"{list(cfg.input_shape)}; this net expects {list(spec.input_shape)}")
 
 
+def check_known_ops(ghn: GHNQ, graph: ArchGraph) -> None:
+    """Refuse a net with an op type the checkpoint never embedded (its prediction would be garbage)."""
+    known = ghn.config.num_primitives
+    unknown = sorted({PRIMITIVES[int(p)] for p in graph.primitives if int(p) >= known})
+    if unknown:
+        ops = {"cse": "mul (squeeze-excitation)", "shuffle": "channel_shuffle"}
+        raise ArchError(f"{graph.spec.source}: this GHN checkpoint was trained without op type(s) "
+                        f"{', '.join(ops.get(u, u) for u in unknown)}; use a checkpoint trained on them")
+
+
 def predict(ghn: GHNQ, specs: list[ArchSpec], bits: str = "fp32", seed: int = 0,
-            ghn_info: dict | None = None) -> list[PredictedModel]:
-    """Parameters for every spec, in one GHN forward pass (a meta-batch)."""
+            ghn_info: dict | None = None, param_cap: int | None = None) -> list[PredictedModel]:
+    """Parameters for every spec, in one GHN forward pass (a meta-batch).
+
+    ``param_cap``: refuse nets with more parameters (None: no cap; the 10^7 cap bounds the
+    sampled training space, not users' nets)."""
     if bits not in BIT_OPTIONS:
         raise ValueError(f"unknown bit-width {bits!r}; choose from {', '.join(BIT_OPTIONS)}")
-    infos = [analyze(s) for s in specs]
+    infos = [analyze(s, param_cap=_cap(param_cap)) for s in specs]
     for s in specs:
         check_compatible(ghn, s)
     torch.manual_seed(seed)
     start = time.perf_counter()
     graphs = [build_graph(s, i, s_max=ghn.config.s_max) for s, i in zip(specs, infos)]
+    for g in graphs:
+        check_known_ops(ghn, g)
     graph_seconds = time.perf_counter() - start
     ghn.eval()
     with torch.no_grad():
@@ -90,7 +106,11 @@ def save_predicted(path, model: PredictedModel) -> None:
     atomic_torch_save(path, model.to_dict())
 
 
-def load_predicted(path) -> PredictedModel:
+def _cap(param_cap: int | None) -> int:
+    return sys.maxsize if param_cap is None else param_cap
+
+
+def load_predicted(path, param_cap: int | None = None) -> PredictedModel:
     """Read a predicted-model file (weights_only) and rebuild its spec; errors are one line."""
     data = torch_load_file(path, CheckpointError, "model")
     if not isinstance(data, dict) or data.get("format") != PREDICTED_FORMAT:
@@ -104,7 +124,7 @@ def load_predicted(path) -> PredictedModel:
         raise CheckpointError(f"{path}: predicted model without a 'state_dict' of named tensors and a 'meta' dict")
     check_finite(path, state, CheckpointError, "model")
     spec = parse_spec(data.get("spec"), str(path))
-    analyze(spec)
+    analyze(spec, param_cap=_cap(param_cap))
     model = PredictedModel(spec, state, meta)
     try:
         model.build()

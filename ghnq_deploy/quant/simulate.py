@@ -13,8 +13,10 @@ That gives the two public entry points:
 Where quantizers sit (a quantizer = fake-quant onto the grid of one tensor):
 the input image (if ``scheme.quantize_input``); the output of every conv / linear (after
 its folded BatchNorm and fused ReLU / ReLU6); every standalone BatchNorm, activation,
-pooling, global-average-pool and add; concat only if ``scheme.quantize_after_concat``.
-Identity and the output node pass values through.
+pooling, global-average-pool, add and mul; concat only if ``scheme.quantize_after_concat``.
+Identity, channel shuffle (a TFLite reshape / transpose) and the output node pass values
+(and their grid) through. Sigmoid (and SiLU's sigmoid) lands on TFLite's fixed LOGISTIC
+output grid, [0, 1) in 2^bits steps (int8: scale 1/256, zero point -128), not a calibrated one.
 
 BatchNorm after a conv is folded into it (Jacob et al. 2018; GHN-Q paper Eq. 1):
 ``w_fold = w * gamma / sqrt(var + eps)``, ``b_fold = beta + (b - mean) * gamma / sqrt(var + eps)``,
@@ -55,7 +57,7 @@ class SimulationError(UserError):
 class Step:
     """One fused op of the compiled network."""
 
-    kind: str  # conv, linear, bn, act, maxpool, avgpool, gap, add, concat, alias
+    kind: str  # conv, linear, bn, act, sigmoid, silu, mul, shuffle, slice, maxpool, avgpool, adaptive, gap, add, concat, alias
     out: str  # the id whose value this step produces (the last node it absorbed)
     inputs: tuple[str, ...]
     nodes: tuple[str, ...]  # spec node ids folded into this step
@@ -69,13 +71,26 @@ class Step:
 
 
 def _act(x: torch.Tensor, kind: str | None, inplace: bool = False) -> torch.Tensor:
-    """ReLU / ReLU6; ``inplace`` only for tensors the step itself just made, and never under autograd."""
+    """An activation; ``inplace`` only for tensors the step itself just made, and never under autograd."""
     inplace = inplace and not (x.requires_grad and torch.is_grad_enabled())
     if kind == "relu":
         return F.relu(x, inplace=inplace)
     if kind == "relu6":
         return F.hardtanh(x, 0.0, 6.0, inplace=inplace)
+    if kind in _SMOOTH_ACTS:
+        return _SMOOTH_ACTS[kind](x)
     return x
+
+
+_SMOOTH_ACTS = {"hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "silu": F.silu, "sigmoid": torch.sigmoid}
+
+
+def _fixed_unit_qparams(s: QuantScheme, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TFLite's fixed output grid of LOGISTIC: [0, 1) in 2^bits steps (int8: scale 1/256, zero point -128)."""
+    qmin, qmax = s.act_qrange()
+    if s.act_symmetric:  # zero point 0: the non-negative half of the grid
+        return like.new_tensor(1.0 / (qmax + 1)), like.new_tensor(0.0)
+    return like.new_tensor(1.0 / (qmax - qmin + 1)), like.new_tensor(float(qmin))
 
 
 def compile_plan(net: nn.Module, fuse_activations: bool = True) -> list[Step]:
@@ -116,8 +131,18 @@ def compile_plan(net: nn.Module, fuse_activations: bool = True) -> list[Step]:
                 gram = (bn_prefix is not None and tuple(mod.kernel_size) == (1, 1) and mod.groups == 1
                         and tuple(mod.padding) == (0, 0) and 2 * mod.in_channels <= mod.out_channels)
             plan.append(Step(op, cur, node.inputs, tuple(chain), prefix, bn_prefix, eps, act, True, kwargs, gram))
-        elif op in ("relu", "relu6"):
+        elif op in ("relu", "relu6", "hardswish", "hardsigmoid"):
             plan.append(Step("act", node_id, node.inputs, (node_id,), act=op))
+        elif op in ("sigmoid", "silu"):  # LOGISTIC (x MUL for SiLU): TFLite fixes the sigmoid's output grid
+            plan.append(Step(op, node_id, node.inputs, (node_id,)))
+        elif op == "mul":
+            plan.append(Step("mul", node_id, node.inputs, (node_id,)))
+        elif op == "channel_shuffle":  # reshape / transpose / reshape: values and grid unchanged
+            plan.append(Step("shuffle", node_id, node.inputs, (node_id,), kwargs={"groups": mod.groups}))
+        elif op == "channel_slice":  # STRIDED_SLICE keeps its input's grid
+            plan.append(Step("slice", node_id, node.inputs, (node_id,), kwargs={"start": mod.start, "stop": mod.stop}))
+        elif op == "adaptive_avgpool":
+            plan.append(Step("adaptive", node_id, node.inputs, (node_id,), kwargs={"output_size": mod.output_size}))
         elif op in ("maxpool", "avgpool"):
             kwargs = {"kernel_size": mod.kernel_size, "stride": mod.stride, "padding": mod.padding,
                       "ceil_mode": mod.ceil_mode}
@@ -168,6 +193,8 @@ def _quant_act(ctx: _Context, key: str, t: torch.Tensor, owned: bool = True, act
     lowest code, so the code clamp does the ReLU's work - bit-identical, one pass fewer.
     """
     s = ctx.scheme
+    if act is not None and act not in ("relu", "relu6"):  # no code-clamp form: run it, then quantize
+        t, act, owned = _act(t, act), None, True
     if act is not None:
         if s.act_bits is None or ctx.observe or s.act_symmetric or (t.requires_grad and torch.is_grad_enabled()):
             t = _act(t, act, inplace=owned)
@@ -337,6 +364,37 @@ def run_plan(plan: list[Step], params: dict[str, torch.Tensor], x: torch.Tensor,
                     qmin, qmax = s.act_qrange()
                     y = fake_quant(y, in_qp[0], in_qp[1], qmin, qmax, s.rounding)
                 out = y
+            else:
+                out, qp = _quant_act(ctx, step.out, y)
+        elif kind == "sigmoid" or kind == "silu":
+            gate = torch.sigmoid(xin)
+            if s.act_bits is not None and not ctx.observe:
+                scale, zp = _fixed_unit_qparams(s, gate)
+                qmin, qmax = s.act_qrange()
+                gate = fake_quant(gate, scale, zp, qmin, qmax, s.rounding)
+                qp = (scale, zp)
+            if kind == "sigmoid":
+                out = gate
+            else:
+                out, qp = _quant_act(ctx, step.out, xin * gate)
+        elif kind == "mul":
+            y = xin
+            for i in step.inputs[1:]:
+                y = y * values[i]
+            out, qp = _quant_act(ctx, step.out, y)
+        elif kind == "shuffle":
+            n, c, h, w = xin.shape
+            g = step.kwargs["groups"]
+            out, qp = xin.reshape(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w), qps[step.inputs[0]]
+        elif kind == "slice":
+            out, qp = xin[:, step.kwargs["start"]:step.kwargs["stop"]], qps[step.inputs[0]]
+        elif kind == "adaptive":
+            size = step.kwargs["output_size"]
+            h = xin.shape[-1]
+            y = F.adaptive_avg_pool2d(xin, size)
+            in_qp = qps[step.inputs[0]]
+            if size % h == 0 and in_qp is not None and not ctx.observe:
+                out, qp = y, in_qp  # pure replication (nearest upsampling): values stay on the input grid
             else:
                 out, qp = _quant_act(ctx, step.out, y)
         elif kind == "gap":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -352,7 +353,7 @@ def evaluate_net(float_model: PredictedModel, images: EvalImages, cfg: EvalConfi
             t = qtally[b]
             q1, q5 = t.pct(t.top1), t.pct(t.top5)
             results[b] = BitResult(b, q1, q5, f1 - q1, f5 - q5, t.sq / max(1, t.elements), t.pct(t.agree))
-    info = analyze(float_model.spec)
+    info = analyze(float_model.spec, param_cap=sys.maxsize)
     return NetResult(float_model.spec.name, split, float_model.spec.sha256(), info.params, info.macs,
                      len(images.y), f1, f5, results, weight_stats(float_model), time.perf_counter() - start)
 
