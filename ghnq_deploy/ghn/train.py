@@ -27,7 +27,7 @@ from torch import nn
 from ghnq_deploy.arch.builder import ArchNet
 from ghnq_deploy.arch.sampler import sample_arch
 from ghnq_deploy.data import ImageSet, augment, load_cifar10, normalize
-from ghnq_deploy.ghn.graph import build_graph
+from ghnq_deploy.ghn.graph import PRIMITIVES, build_graph
 from ghnq_deploy.ghn.model import BIT_OPTIONS, GHNQ, GHNConfig
 from ghnq_deploy.ghn.checkpoint import (CheckpointError, check_finite, load_ghn_checkpoint, read_checkpoint,
                                         resolve_checkpoint, torch_load_file)
@@ -170,7 +170,9 @@ def make_ghn(cfg: TrainConfig) -> GHNQ:
             ghn = new
         return ghn
     torch.manual_seed(cfg.seed)
-    return GHNQ(GHNConfig.from_dict({**cfg.ghn, "bit_conditioning": cfg.bit_conditioning}))
+    # a fresh GHN embeds today's whole op vocabulary (from_dict's default is for old checkpoints)
+    return GHNQ(GHNConfig.from_dict({"num_primitives": len(PRIMITIVES), **cfg.ghn,
+                                     "bit_conditioning": cfg.bit_conditioning}))
 
 
 def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult], None] | None = None,
