@@ -64,6 +64,11 @@ class _Conv:
     shift: np.ndarray
     scale_f32: torch.Tensor  # fp32 requantization scale (xnnpack rounding)
     dtype: torch.dtype  # conv arithmetic dtype: float32 when provably exact, else float64
+    bound: float | None = None  # static bound on |accumulator + bias| (integer mode)
+
+    @property
+    def bias64(self) -> torch.Tensor:
+        return self.bias.to(torch.float64)
 
 
 class Simulator:
@@ -146,7 +151,7 @@ class Simulator:
         self.set(out_index, q.clamp(lo, hi).to(torch.int32))
 
     def requantized(self, out_index: int, acc: torch.Tensor, multiplier, shift, scale_f32, activation,
-                    rounding: str | None = None) -> None:
+                    rounding: str | None = None, bound: float | None = None) -> None:
         """integer: int32 accumulator -> output via the multiplier (or fp32 scale), + zero point, clamp."""
         _, zero = self.qparams(out_index)
         lo, hi = self.activation_range(out_index, activation)
@@ -156,7 +161,7 @@ class Simulator:
             y = y.clamp(float(lo - zero), float(hi - zero))
             out = rq.round_half_even_f32(y).to(torch.int64) + zero
         else:
-            fast = rq.requantize_float_exact(acc, multiplier, shift, rounding)
+            fast = rq.requantize_float_exact(acc, multiplier, shift, rounding, bound)
             if fast is not None:
                 self.set(out_index, fast.add_(zero).clamp_(lo, hi).to(torch.int32))
                 return
@@ -282,13 +287,15 @@ def _prepare_conv(sim: Simulator, op: Operator, depthwise: bool) -> _Conv:
             bias = torch.from_numpy((b.astype(np.float32) * b_scale).astype(np.float32))
     if sim.integer:
         # every partial sum is bounded by sum|w| * max|x - zp| (<= 255 for int8 inputs)
-        bound = float(np.abs(w).reshape(channels, -1).sum(axis=1).max(initial=0)) * 255.0
-        dtype = torch.float32 if bound < 2.0 ** 24 else torch.float64
+        sums = np.abs(w).reshape(channels, -1).sum(axis=1) * 255.0
+        dtype = torch.float32 if sums.max(initial=0) < 2.0 ** 24 else torch.float64
         weight = torch.from_numpy(w.astype(np.float32 if dtype == torch.float32 else np.float64))
+        bias_abs = np.abs(bias.numpy()) if bias is not None else 0.0
+        bound = float((sums + bias_abs).max(initial=0))
     else:
-        dtype = torch.float32
+        dtype, bound = torch.float32, None
         weight = torch.from_numpy((w * w_scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32))
-    prepared = _Conv(weight, bias, multiplier, shift, scale_f32, dtype)
+    prepared = _Conv(weight, bias, multiplier, shift, scale_f32, dtype, bound)
     sim.cache[op.index] = prepared
     return prepared
 
@@ -314,10 +321,9 @@ def _conv_common(sim: Simulator, op: Operator, depthwise: bool) -> None:
     y = F.conv2d(xc, p.weight, stride=(sh, sw), dilation=(dh, dw), groups=groups).permute(0, 2, 3, 1)
     act = o.get("fused_activation_function")
     if sim.integer:
-        acc = y.to(torch.float64)  # exact integers; + int32 bias stays exact in float64
-        if p.bias is not None:
-            acc = acc + p.bias.to(torch.float64)
-        sim.requantized(out_i, acc, p.multiplier, p.shift, p.scale_f32, act)
+        # exact integers; + int32 bias stays exact in float64 (one pass: add promotes)
+        acc = torch.add(y, p.bias64) if p.bias is not None else y.to(torch.float64)
+        sim.requantized(out_i, acc, p.multiplier, p.shift, p.scale_f32, act, bound=p.bound)
     else:
         if p.bias is not None:
             y = y + p.bias
@@ -371,9 +377,7 @@ def _fully_connected(sim: Simulator, op: Operator) -> None:
     if sim.integer:
         _, in_zero = sim.qparams(x_i)
         x = (sim.value(x_i).to(torch.int64) - in_zero).to(p.dtype).reshape(-1, k)
-        acc = (x @ p.weight).to(torch.float64)
-        if p.bias is not None:
-            acc = acc + p.bias.to(torch.float64)
+        acc = torch.add(x @ p.weight, p.bias64) if p.bias is not None else (x @ p.weight).to(torch.float64)
         # measured against BUILTIN_REF (ai-edge-litert 2.3): the per-channel int8 FULLY_CONNECTED
         # reference kernel requantizes with single rounding even in double-rounding builds
         rounding = "single" if sim.rounding == "double" and p.multiplier.size > 1 else None
