@@ -54,7 +54,8 @@ def test_reader_matches_the_interpreter(int8_files):
     ops = interpreter._get_ops_details()
     assert [op.op for op in graph.operators] == [o["op_name"] for o in ops]
     for op, ref in zip(graph.operators, ops):
-        assert list(op.inputs) == [int(i) for i in ref["inputs"]] and list(op.outputs) == [int(i) for i in ref["outputs"]]
+        assert list(op.inputs) == [int(i) for i in ref["inputs"]]
+        assert list(op.outputs) == [int(i) for i in ref["outputs"]]
     dw = next(op for op in graph.operators if op.op == "DEPTHWISE_CONV_2D")
     assert dw.options["depth_multiplier"] == 2 and dw.options["dilation_h_factor"] == 2
     assert dw.options["fused_activation_function"] == "RELU6" and dw.options["padding"] in ("SAME", "VALID")
