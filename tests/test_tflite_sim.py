@@ -54,7 +54,8 @@ def test_reader_matches_the_interpreter(int8_files):
     ops = interpreter._get_ops_details()
     assert [op.op for op in graph.operators] == [o["op_name"] for o in ops]
     for op, ref in zip(graph.operators, ops):
-        assert list(op.inputs) == [int(i) for i in ref["inputs"]] and list(op.outputs) == [int(i) for i in ref["outputs"]]
+        assert list(op.inputs) == [int(i) for i in ref["inputs"]]
+        assert list(op.outputs) == [int(i) for i in ref["outputs"]]
     dw = next(op for op in graph.operators if op.op == "DEPTHWISE_CONV_2D")
     assert dw.options["depth_multiplier"] == 2 and dw.options["dilation_h_factor"] == 2
     assert dw.options["fused_activation_function"] == "RELU6" and dw.options["padding"] in ("SAME", "VALID")
@@ -192,3 +193,20 @@ def test_fast_requantization_equals_the_integer_definition():
                                       torch.from_numpy(-s))
     assert torch.equal(exact, rq.multiply_by_quantized_multiplier(acc, m, s))
     assert rq.requantize_float_exact(torch.tensor([float(1 << 30)]), [rq.INT32_MAX], [0]) is None  # bound
+
+
+@pytest.mark.slow
+def test_integer_equals_builtin_ref_on_sampled_nets_full_eval_set(tmp_path):
+    """The bar: 0 LSB vs BUILTIN_REF on the 20 sampled nets (all splits, depthwise, dilated,
+    concat, residual, BN-free) on the 2,000 shipped evaluation images."""
+    from ghnq_deploy.calibration import load_eval_set
+
+    x = normalize(load_eval_set().images).numpy()
+    cal = normalize(calibration_images(64)).numpy()
+    for spec in sampled_specs():
+        path = tmp_path / f"{spec.name}.tflite"
+        path.write_bytes(tflite_export.convert_full_int8(tflite_export.build_keras_model(float_model(spec)), cal))
+        q = _quantized_inputs(path, x)
+        ref = np.concatenate([_litert_raw(path, q[i:i + 250], "reference") for i in range(0, len(q), 250)])
+        out = tflite_sim.simulate(path, q, arithmetic="integer").astype(np.int64)
+        assert np.array_equal(out, ref), f"{spec.name}: {int((out != ref).sum())} logits differ"

@@ -109,25 +109,29 @@ def round_half_even_f32(x: torch.Tensor) -> torch.Tensor:
 
 
 def requantize_float_exact(acc: torch.Tensor, multiplier: np.ndarray, shift: np.ndarray,
-                           rounding: str = "double") -> torch.Tensor | None:
+                           rounding: str = "double", bound: float | None = None) -> torch.Tensor | None:
     """The same result as :func:`multiply_by_quantized_multiplier` computed in float64 passes.
 
     Exact when every |acc * multiplier| < 2^52 and no shift is positive: then acc * m / 2^31
     and each rounding step are exact in float64 (SRDHM rounds half up, RoundingDivideByPOT
     half away from zero). Returns None when the bound does not hold (callers use the int path).
+    ``bound`` is a static bound on |acc| (from the weights), which saves measuring the peak;
+    ``acc`` (float64) is overwritten.
     """
     m = np.asarray(multiplier, dtype=np.int64)
     s = np.asarray(shift, dtype=np.int64)
     if (s > 0).any() or (m < 0).any():
         return None
-    peak = float(acc.abs().max()) if acc.numel() else 0.0
-    if peak * float(m.max(initial=0)) >= 2.0 ** 52:
-        return None
+    top = float(m.max(initial=0))
+    if bound is None or bound * top >= 2.0 ** 52:
+        peak = float(acc.abs().max()) if acc.numel() else 0.0
+        if peak * top >= 2.0 ** 52:
+            return None
     acc = acc.to(torch.float64)
     if rounding == "single":
-        v = acc * torch.from_numpy(m.astype(np.float64) * np.exp2(-(31.0 - s)))
+        v = acc.mul_(torch.from_numpy(m.astype(np.float64) * np.exp2(-(31.0 - s))))
         return torch.floor_(v.add_(0.5))
-    v = acc * torch.from_numpy(m.astype(np.float64) * 2.0 ** -31)
+    v = acc.mul_(torch.from_numpy(m.astype(np.float64) * 2.0 ** -31))
     high = torch.floor_(v.add_(0.5))
     if not s.any():
         return high

@@ -64,6 +64,11 @@ class _Conv:
     shift: np.ndarray
     scale_f32: torch.Tensor  # fp32 requantization scale (xnnpack rounding)
     dtype: torch.dtype  # conv arithmetic dtype: float32 when provably exact, else float64
+    bound: float | None = None  # static bound on |accumulator + bias| (integer mode)
+
+    @property
+    def bias64(self) -> torch.Tensor:
+        return self.bias.to(torch.float64)
 
 
 class Simulator:
@@ -146,7 +151,7 @@ class Simulator:
         self.set(out_index, q.clamp(lo, hi).to(torch.int32))
 
     def requantized(self, out_index: int, acc: torch.Tensor, multiplier, shift, scale_f32, activation,
-                    rounding: str | None = None) -> None:
+                    rounding: str | None = None, bound: float | None = None) -> None:
         """integer: int32 accumulator -> output via the multiplier (or fp32 scale), + zero point, clamp."""
         _, zero = self.qparams(out_index)
         lo, hi = self.activation_range(out_index, activation)
@@ -156,7 +161,7 @@ class Simulator:
             y = y.clamp(float(lo - zero), float(hi - zero))
             out = rq.round_half_even_f32(y).to(torch.int64) + zero
         else:
-            fast = rq.requantize_float_exact(acc, multiplier, shift, rounding)
+            fast = rq.requantize_float_exact(acc, multiplier, shift, rounding, bound)
             if fast is not None:
                 self.set(out_index, fast.add_(zero).clamp_(lo, hi).to(torch.int32))
                 return
@@ -282,13 +287,15 @@ def _prepare_conv(sim: Simulator, op: Operator, depthwise: bool) -> _Conv:
             bias = torch.from_numpy((b.astype(np.float32) * b_scale).astype(np.float32))
     if sim.integer:
         # every partial sum is bounded by sum|w| * max|x - zp| (<= 255 for int8 inputs)
-        bound = float(np.abs(w).reshape(channels, -1).sum(axis=1).max(initial=0)) * 255.0
-        dtype = torch.float32 if bound < 2.0 ** 24 else torch.float64
+        sums = np.abs(w).reshape(channels, -1).sum(axis=1) * 255.0
+        dtype = torch.float32 if sums.max(initial=0) < 2.0 ** 24 else torch.float64
         weight = torch.from_numpy(w.astype(np.float32 if dtype == torch.float32 else np.float64))
+        bias_abs = np.abs(bias.numpy()) if bias is not None else 0.0
+        bound = float((sums + bias_abs).max(initial=0))
     else:
-        dtype = torch.float32
+        dtype, bound = torch.float32, None
         weight = torch.from_numpy((w * w_scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32))
-    prepared = _Conv(weight, bias, multiplier, shift, scale_f32, dtype)
+    prepared = _Conv(weight, bias, multiplier, shift, scale_f32, dtype, bound)
     sim.cache[op.index] = prepared
     return prepared
 
@@ -314,10 +321,9 @@ def _conv_common(sim: Simulator, op: Operator, depthwise: bool) -> None:
     y = F.conv2d(xc, p.weight, stride=(sh, sw), dilation=(dh, dw), groups=groups).permute(0, 2, 3, 1)
     act = o.get("fused_activation_function")
     if sim.integer:
-        acc = y.to(torch.float64)  # exact integers; + int32 bias stays exact in float64
-        if p.bias is not None:
-            acc = acc + p.bias.to(torch.float64)
-        sim.requantized(out_i, acc, p.multiplier, p.shift, p.scale_f32, act)
+        # exact integers; + int32 bias stays exact in float64 (one pass: add promotes)
+        acc = torch.add(y, p.bias64) if p.bias is not None else y.to(torch.float64)
+        sim.requantized(out_i, acc, p.multiplier, p.shift, p.scale_f32, act, bound=p.bound)
     else:
         if p.bias is not None:
             y = y + p.bias
@@ -371,9 +377,7 @@ def _fully_connected(sim: Simulator, op: Operator) -> None:
     if sim.integer:
         _, in_zero = sim.qparams(x_i)
         x = (sim.value(x_i).to(torch.int64) - in_zero).to(p.dtype).reshape(-1, k)
-        acc = (x @ p.weight).to(torch.float64)
-        if p.bias is not None:
-            acc = acc + p.bias.to(torch.float64)
+        acc = torch.add(x @ p.weight, p.bias64) if p.bias is not None else (x @ p.weight).to(torch.float64)
         # measured against BUILTIN_REF (ai-edge-litert 2.3): the per-channel int8 FULLY_CONNECTED
         # reference kernel requantizes with single rounding even in double-rounding builds
         rounding = "single" if sim.rounding == "double" and p.multiplier.size > 1 else None
@@ -385,6 +389,25 @@ def _fully_connected(sim: Simulator, op: Operator) -> None:
         sim.quantize_output(out_i, y, o.get("fused_activation_function"))
 
 
+def _binary_via_table(sim: Simulator, op: Operator, fn) -> None:
+    """An elementwise op of two int8 tensors: its output is a function of the pair of input codes,
+    so ``fn`` (the exact kernel on int64 tensors) runs once on all 65,536 pairs and the tensors
+    are looked up: bit-identical to running ``fn`` on them, and one gather instead of ~30 passes."""
+    a_i, b_i = op.inputs[:2]
+    table = sim.cache.get(op.index)
+    if table is None:
+        codes = torch.arange(-128, 128, dtype=torch.int64)
+        table = fn(codes[:, None].expand(256, 256), codes[None, :].expand(256, 256)).reshape(-1).to(torch.int32)
+        sim.cache[op.index] = table
+    a, b = torch.broadcast_tensors(sim.value(a_i), sim.value(b_i))
+    index = (a.to(torch.int64) + 128) * 256 + (b.to(torch.int64) + 128)
+    sim.set(op.outputs[0], table[index])
+
+
+def _int8_pair(sim: Simulator, op: Operator) -> bool:
+    return all(sim.meta(i).dtype == np.int8 for i in (*op.inputs[:2], op.outputs[0]))
+
+
 @register("ADD")
 def _add(sim: Simulator, op: Operator) -> None:
     a_i, b_i = op.inputs[:2]
@@ -394,30 +417,31 @@ def _add(sim: Simulator, op: Operator) -> None:
         sim.quantize_output(out_i, sim.dequantized(a_i) + sim.dequantized(b_i), act)
         return
     (sa, za), (sb, zb), (so, zo) = sim.qparams(a_i), sim.qparams(b_i), sim.qparams(out_i)
-    a = sim.value(a_i).to(torch.int64) - za
-    b = sim.value(b_i).to(torch.int64) - zb
     lo, hi = sim.activation_range(out_i, act)
-    if sim.rounding == "xnnpack":
-        y = a.to(torch.float32) * np.float32(np.float32(sa) / np.float32(so)) + \
-            b.to(torch.float32) * np.float32(np.float32(sb) / np.float32(so))
-        out = rq.round_half_even_f32(y).to(torch.int64) + zo
-        sim.set(out_i, out.clamp(lo, hi).to(torch.int32))
-        return
-    p = sim.cache.get(op.index)
-    if p is None:  # add.cc Prepare: both inputs to a common 2*max scale with 20 bits of headroom
+    rounding = sim.rounding
+    if rounding != "xnnpack":  # add.cc Prepare: both inputs to a common 2*max scale, 20 bits of headroom
         left_shift = 20
         twice_max = 2.0 * max(np.float64(sa), np.float64(sb))
-        m1 = sim.multiplier(np.float64(sa) / twice_max)
-        m2 = sim.multiplier(np.float64(sb) / twice_max)
-        mo = sim.multiplier(twice_max / ((1 << left_shift) * np.float64(so)))
-        p = (left_shift, m1, m2, mo)
-        sim.cache[op.index] = p
-    left_shift, (m1, s1), (m2, s2), (mo, so_) = p
-    r = sim.rounding
-    a = rq.multiply_by_quantized_multiplier(a << left_shift, m1, s1, r)
-    b = rq.multiply_by_quantized_multiplier(b << left_shift, m2, s2, r)
-    out = rq.multiply_by_quantized_multiplier(a + b, mo, so_, r) + zo
-    sim.set(out_i, out.clamp(lo, hi).to(torch.int32))
+        m1, s1 = sim.multiplier(np.float64(sa) / twice_max)
+        m2, s2 = sim.multiplier(np.float64(sb) / twice_max)
+        mo, so_ = sim.multiplier(twice_max / ((1 << left_shift) * np.float64(so)))
+
+    def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = a.to(torch.int64) - za, b.to(torch.int64) - zb
+        if rounding == "xnnpack":
+            y = a.to(torch.float32) * np.float32(np.float32(sa) / np.float32(so)) + \
+                b.to(torch.float32) * np.float32(np.float32(sb) / np.float32(so))
+            out = rq.round_half_even_f32(y).to(torch.int64) + zo
+        else:
+            a = rq.multiply_by_quantized_multiplier(a << left_shift, m1, s1, rounding)
+            b = rq.multiply_by_quantized_multiplier(b << left_shift, m2, s2, rounding)
+            out = rq.multiply_by_quantized_multiplier(a + b, mo, so_, rounding) + zo
+        return out.clamp(lo, hi).to(torch.int32)
+
+    if _int8_pair(sim, op):
+        _binary_via_table(sim, op, kernel)
+    else:
+        sim.set(out_i, kernel(sim.value(a_i), sim.value(b_i)))
 
 
 @register("MUL")
@@ -429,11 +453,23 @@ def _mul(sim: Simulator, op: Operator) -> None:
         sim.quantize_output(out_i, sim.dequantized(a_i) * sim.dequantized(b_i), act)
         return
     (sa, za), (sb, zb), (so, zo) = sim.qparams(a_i), sim.qparams(b_i), sim.qparams(out_i)
-    prod = (sim.value(a_i).to(torch.int64) - za) * (sim.value(b_i).to(torch.int64) - zb)
-    real = np.float64(sa) * np.float64(sb) / np.float64(so)
-    m, s = sim.multiplier(real)
-    scale_f32 = torch.tensor(np.float32(sa) * np.float32(sb) / np.float32(so))
-    sim.requantized(out_i, prod, m, s, scale_f32, act)
+    m, s = sim.multiplier(np.float64(sa) * np.float64(sb) / np.float64(so))
+    scale_f32 = np.float32(np.float32(sa) * np.float32(sb) / np.float32(so))
+    lo, hi = sim.activation_range(out_i, act)
+    rounding = sim.rounding
+
+    def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        prod = (a.to(torch.int64) - za) * (b.to(torch.int64) - zb)
+        if rounding == "xnnpack":
+            out = rq.round_half_even_f32(prod.to(torch.float32) * scale_f32).to(torch.int64) + zo
+        else:
+            out = rq.multiply_by_quantized_multiplier(prod, m, s, rounding) + zo
+        return out.clamp(lo, hi).to(torch.int32)
+
+    if _int8_pair(sim, op):
+        _binary_via_table(sim, op, kernel)
+    else:
+        sim.set(out_i, kernel(sim.value(a_i), sim.value(b_i)))
 
 
 def _pool_inputs(sim: Simulator, op: Operator):
