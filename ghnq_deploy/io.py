@@ -9,6 +9,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ghnq_deploy.errors import UserError
+
+
+class OutputError(UserError):
+    """An output that cannot be written (no such folder, no permission, disk full); one line."""
+
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -86,9 +93,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tell the leftovers of a killed process from those of one still running.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(path)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write here ({exc.strerror or exc})") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -97,6 +107,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, replaced by a folder meanwhile, ...: the user can fix it
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write here ({exc.strerror or exc})") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

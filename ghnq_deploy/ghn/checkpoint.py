@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,8 +44,11 @@ def _reason(exc: BaseException) -> str:
     """One line for why torch.load failed; a weights-only refusal is said in full, in plain words."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     if "Weights only load failed" in text:
-        found = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+|Unsupported class \S+)", text)
-        what = f" ({found.group(1)})" if found else ""
+        found = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported class \S+)", text)
+        if found is None:  # an opcode the safe unpickler does not know: corrupt or foreign bytes
+            operand = re.search(r"Unsupported operand \S+", text)
+            return f"a damaged or foreign pickle ({operand.group(0) if operand else 'unreadable'})"
+        what = f" ({found.group(1)})"
         return (f"refused: it holds Python objects that loading would execute{what}; ghnq-deploy loads "
                 "checkpoints with torch.load(weights_only=True) only (tensors, numbers, strings, lists, dicts)")
     first = " ".join(text.split())
@@ -62,7 +67,9 @@ def torch_load_file(path: Path, error: type[UserError], what: str) -> Any:
     if path.is_dir():
         raise error(f"{path}: is a folder, not a {what} file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols of foreign files
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise error(f"{path}: no such {what} file") from None
     except MemoryError:
@@ -112,12 +119,32 @@ def read_checkpoint(path: Path) -> dict:
     return data
 
 
+def _check_config(config: GHNConfig) -> None:
+    """Every field of the right type and positive where it is a size (a checkpoint is untrusted input)."""
+    for f in dataclasses.fields(config):
+        value, default = getattr(config, f.name), f.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 20
+        elif isinstance(default, tuple):
+            ok = len(value) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ValueError(f"config field '{f.name}' is {value!r}")
+
+
 def load_ghn_checkpoint(name_or_path: str | Path | None = None) -> tuple[GHNQ, dict]:
     """(GHN in eval mode, checkpoint dict without the weights, plus its path and sha256)."""
     path = resolve_checkpoint(name_or_path)
     data = read_checkpoint(path)
     try:
-        ghn = GHNQ(GHNConfig.from_dict(data["config"]))
+        config = GHNConfig.from_dict(data["config"])
+        _check_config(config)
+        with warnings.catch_warnings():  # a bad config's zero-size layers warn before load_state_dict refuses
+            warnings.simplefilter("ignore")
+            ghn = GHNQ(config)
         ghn.load_state_dict(data["state_dict"])
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError, MemoryError) as exc:
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
