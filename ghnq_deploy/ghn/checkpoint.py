@@ -53,7 +53,7 @@ def load_ghn_checkpoint(name_or_path: str | Path | None = None) -> tuple[GHNQ, d
     path = resolve_checkpoint(name_or_path)
     data = read_checkpoint(path)
     try:
-        ghn = GHNQ(GHNConfig.from_dict(data["config"]))
+        ghn = GHNQ(GHNConfig.from_checkpoint(data["config"]))
         ghn.load_state_dict(data["state_dict"])
     except (KeyError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: checkpoint does not match the GHN-Q model ({str(exc).splitlines()[0][:160]})") from None
