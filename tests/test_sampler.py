@@ -93,3 +93,45 @@ def test_splits_have_their_character(nets: dict[str, list[ArchSpec]]):
     seen = set().union(*ops("id-train"))
     assert {"conv", "bn", "add", "concat", "maxpool", "avgpool", "global_avgpool", "linear"} <= seen
     assert any(n.attr("dilation") > 1 for s in nets["id-train"] for n in s.nodes if n.op == "conv")
+
+
+def test_space_2_draws_the_mobilenet_v3_efficientnet_and_shufflenet_blocks_in_id_splits():
+    from collections import Counter
+
+    from ghnq_deploy.arch.sampler import sample_split
+
+    for split in ("id-train", "id-test"):
+        ops = Counter(n.op for s in sample_split(split, 40, 0) for n in s.nodes)
+        for op in ("hardswish", "hardsigmoid", "silu", "sigmoid", "mul", "adaptive_avgpool", "channel_shuffle",
+                   "channel_slice"):
+            assert ops[op] > 0, (split, op)
+    for split in ("ood-deep", "ood-mobilenet"):  # the OOD splits do not change
+        assert [s.dumps() for s in sample_split(split, 5, 0)] == [s.dumps() for s in sample_split(split, 5, 0, space=1)]
+
+
+def test_space_1_has_none_of_the_new_ops_and_the_shipped_checkpoint_maps_to_it():
+    from ghnq_deploy.arch.sampler import space_for, sample_split
+    from ghnq_deploy.ghn.checkpoint import load_ghn_checkpoint
+    from ghnq_deploy.ghn.graph import PRIMITIVES
+
+    new = {"hardswish", "hardsigmoid", "silu", "sigmoid", "mul", "adaptive_avgpool", "channel_shuffle", "channel_slice"}
+    assert not any(n.op in new for s in sample_split("id-train", 40, 0, space=1) for n in s.nodes)
+    ghn, _ = load_ghn_checkpoint("default")
+    assert space_for(ghn.config.num_primitives) == 1 and space_for(len(PRIMITIVES)) == 2
+
+
+def test_a_fresh_ghn_predicts_space_2_nets():
+    import torch
+
+    from ghnq_deploy.arch.builder import build_model
+    from ghnq_deploy.arch.sampler import sample_split
+    from ghnq_deploy.ghn.model import GHNQ
+    from ghnq_deploy.ghn.predict import predict
+
+    torch.manual_seed(0)
+    specs = [s for s in sample_split("id-train", 20, 0) if any(n.op in ("mul", "channel_shuffle") for n in s.nodes)][:2]
+    for pm in predict(GHNQ().eval(), specs):
+        model = build_model(pm.spec)
+        model.load_state_dict(pm.state_dict)
+        with torch.no_grad():
+            assert torch.isfinite(model.eval()(torch.randn(2, 3, 32, 32))).all()

@@ -14,5 +14,5 @@ def test_fresh_ghn_knows_every_primitive_and_embeds_new_ops():
     assert ghn.config.num_primitives == len(PRIMITIVES)
     assert ghn.op_embedding.num_embeddings == len(PRIMITIVES)
     # an old checkpoint's config (no field) still reads as the legacy vocabulary
-    assert GHNConfig.from_dict({}).num_primitives < len(PRIMITIVES)
+    assert GHNConfig.from_checkpoint({}).num_primitives < len(PRIMITIVES)
     assert ghn.op_embedding(torch.arange(len(PRIMITIVES))).shape == (len(PRIMITIVES), ghn.config.hid)

@@ -111,7 +111,7 @@ def evaluate(
         from ghnq_deploy.ghn.model import GHNConfig
 
         config = read_checkpoint(resolve_checkpoint(checkpoint)).get("config", {})
-        space = space_for(GHNConfig.from_dict(config if isinstance(config, dict) else {}).num_primitives)
+        space = space_for(GHNConfig.from_checkpoint(config if isinstance(config, dict) else {}).num_primitives)
     for s in splits:
         nets += [NetInput(spec, s) for spec in sample_split(s, n, seed, space=space)]
     for p in paths or []:

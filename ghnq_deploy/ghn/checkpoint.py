@@ -140,7 +140,7 @@ def load_ghn_checkpoint(name_or_path: str | Path | None = None) -> tuple[GHNQ, d
     path = resolve_checkpoint(name_or_path)
     data = read_checkpoint(path)
     try:
-        config = GHNConfig.from_dict(data["config"])
+        config = GHNConfig.from_checkpoint(data["config"])
         _check_config(config)
         with warnings.catch_warnings():  # a bad config's zero-size layers warn before load_state_dict refuses
             warnings.simplefilter("ignore")

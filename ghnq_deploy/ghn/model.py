@@ -42,10 +42,14 @@ class GHNConfig:
     num_primitives: int = len(PRIMITIVES)  # op types this GHN embeds: graph.PRIMITIVES[:num_primitives]
 
     @classmethod
+    def from_checkpoint(cls, data: dict) -> GHNConfig:
+        """A saved config; one saved before ``num_primitives`` existed embeds the 12 original types."""
+        return cls.from_dict({"num_primitives": LEGACY_NUM_PRIMITIVES, **data})
+
+    @classmethod
     def from_dict(cls, data: dict) -> GHNConfig:
         known = {f for f in cls.__dataclass_fields__}
         values = {k: v for k, v in data.items() if k in known}
-        values.setdefault("num_primitives", LEGACY_NUM_PRIMITIVES)  # saved before the field existed
         if "input_shape" in values:
             values["input_shape"] = tuple(values["input_shape"])
         return cls(**values)

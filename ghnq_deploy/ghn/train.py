@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghnq_deploy.arch.builder import ArchNet
-from ghnq_deploy.arch.sampler import sample_arch
+from ghnq_deploy.arch.sampler import SPACE_VERSION, sample_arch
 from ghnq_deploy.data import ImageSet, augment, load_cifar10, normalize
 from ghnq_deploy.ghn.graph import PRIMITIVES, build_graph
 from ghnq_deploy.ghn.model import BIT_OPTIONS, GHNQ, GHNConfig
@@ -52,6 +52,7 @@ class TrainConfig:
     loss_cap: float | None = None  # per-net loss above this has its gradient scaled down to the cap's (see robust_loss)
     range_penalty: float = 0.0  # QAT: weight of quant.range_balance's per-tensor-grid penalty on quantized nets
     seed: int = 0
+    space: int = SPACE_VERSION  # architecture space of the id-train nets (1: the shipped checkpoints')
     checkpoint_every: int = 200
     log_every: int = 10
     train_images: int | None = None  # use only the first N training images (tests, quick runs)
@@ -95,7 +96,8 @@ class MetaBatchSource:
         idx = torch.from_numpy(order[within * cfg.batch_size:(within + 1) * cfg.batch_size])
         gen = torch.Generator().manual_seed(int(_rng(cfg.seed, 2, step).integers(2**62)))
         x = augment(self.x[idx], gen)
-        specs = [sample_arch("id-train", cfg.seed, step * cfg.meta_batch + k) for k in range(cfg.meta_batch)]
+        specs = [sample_arch("id-train", cfg.seed, step * cfg.meta_batch + k, space=cfg.space)
+                 for k in range(cfg.meta_batch)]
         if cfg.qat_bits:
             bits = list(_rng(cfg.seed, 3, step).choice(list(cfg.qat_bits), size=cfg.meta_batch))
         else:
@@ -164,9 +166,17 @@ def _dist_info() -> tuple[int, int]:
 def make_ghn(cfg: TrainConfig) -> GHNQ:
     if cfg.init_from:
         ghn, _ = load_ghn_checkpoint(cfg.init_from)
-        if cfg.bit_conditioning and not ghn.config.bit_conditioning:
-            new = GHNQ(GHNConfig.from_dict({**asdict(ghn.config), "bit_conditioning": True}))
-            new.load_state_dict(ghn.state_dict(), strict=False)  # bit embedding starts at zero
+        known = ghn.config.num_primitives
+        if (cfg.bit_conditioning and not ghn.config.bit_conditioning) or known < len(PRIMITIVES):
+            torch.manual_seed(cfg.seed)
+            new = GHNQ(GHNConfig.from_dict({**asdict(ghn.config), "num_primitives": len(PRIMITIVES),
+                                            "bit_conditioning": cfg.bit_conditioning or ghn.config.bit_conditioning}))
+            state = ghn.state_dict()
+            # an older vocabulary grows: its op types keep their embeddings, the new ones start at random
+            grown = new.op_embedding.weight.detach().clone()
+            grown[:known] = state["op_embedding.weight"]
+            state["op_embedding.weight"] = grown
+            new.load_state_dict(state, strict=False)  # a new bit embedding starts at zero
             ghn = new
         return ghn
     torch.manual_seed(cfg.seed)
