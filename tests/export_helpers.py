@@ -46,10 +46,13 @@ def features(spec: ArchSpec) -> set[str]:
 
 
 @functools.cache
-def sampled_specs(count: int = 20) -> tuple[ArchSpec, ...]:
-    """``count`` sampled nets: 2 BN-free, 1 MobileNet-style, then the first id-test nets (seed 0)."""
-    chosen = [sample_arch("ood-bnfree", 0, i) for i in range(2)] + [sample_arch("ood-mobilenet", 0, 0)]
-    chosen += [sample_arch("id-test", 0, i) for i in range(count - len(chosen))]
+def sampled_specs(count: int = 20, **kw) -> tuple[ArchSpec, ...]:
+    """``count`` sampled nets: 2 BN-free, 1 MobileNet-style, then the first id-test nets (seed 0).
+
+    ``kw`` goes to ``sample_arch`` (``space=1``: the op set of the shipped checkpoints' nets).
+    """
+    chosen = [sample_arch("ood-bnfree", 0, i, **kw) for i in range(2)] + [sample_arch("ood-mobilenet", 0, 0, **kw)]
+    chosen += [sample_arch("id-test", 0, i, **kw) for i in range(count - len(chosen))]
     return tuple(chosen)
 
 

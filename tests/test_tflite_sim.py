@@ -25,7 +25,7 @@ def int8_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tflite-sim")
     cal = normalize(calibration_images(32)).numpy()
     files = {}
-    for spec in (edge_spec(), sampled_specs()[0], sampled_specs()[3]):
+    for spec in (edge_spec(), sampled_specs(space=1)[0], sampled_specs(space=1)[3]):
         path = folder / f"{spec.name}.tflite"
         path.write_bytes(tflite_export.convert_full_int8(tflite_export.build_keras_model(float_model(spec)), cal))
         files[spec.name] = path
@@ -203,7 +203,7 @@ def test_integer_equals_builtin_ref_on_sampled_nets_full_eval_set(tmp_path):
 
     x = normalize(load_eval_set().images).numpy()
     cal = normalize(calibration_images(64)).numpy()
-    for spec in sampled_specs():
+    for spec in sampled_specs(space=1):
         path = tmp_path / f"{spec.name}.tflite"
         path.write_bytes(tflite_export.convert_full_int8(tflite_export.build_keras_model(float_model(spec)), cal))
         q = _quantized_inputs(path, x)
