@@ -59,7 +59,8 @@ def main() -> None:
     from ghnq_deploy.ghn.checkpoint import load_ghn_checkpoint
     from ghnq_deploy.ghn.predict import predict
     from ghnq_deploy.quant.simulate import QuantSim
-    from ghnq_deploy.report.evaluate import calibrate_running_bn
+    from ghnq_deploy.calibration import load_calibration
+    from ghnq_deploy.report.evaluate import prepare_bn
 
     tuned = tune_malloc() if args.tune_malloc else False
     torch.set_flush_denormal(True)  # as ghnq-deploy evaluate does
@@ -81,7 +82,7 @@ def main() -> None:
         for pm in models:
             net = pm.build(bn_mode="batch")
             if args.bn == "running":
-                calibrate_running_bn(net, batches)
+                prepare_bn(net, load_calibration())  # the export's calibration set and BN routine
             runners = {"float": net, **{b: QuantSim(net, args.scheme, b, bn=args.bn) for b in bits}}
             for k, r in runners.items():
                 if k != "float" and r.scheme.range_source == "calibrated":

@@ -1,112 +1,135 @@
-"""GHN-Q prediction speed on CPU: graph build and GHN forward, median of repeats.
+"""GHN-Q prediction speed on CPU: graph build / GHN forward / load split, against the previous code.
 
-Run: python benchmarks/predict_speed.py [--checkpoint default] [--repeats 15] [--threads 2]
-Target (issue #3): under 30 ms for a ResNet-20-sized net on 2 cores.
+Run: python benchmarks/predict_speed.py [--checkpoint default] [--repeats 11] [--threads 1] [--folder 100]
 
-Columns: ``graph`` builds the graphs from the specs; ``GHN fwd`` is ``predict_params`` (meta-batch
-assembly, embeddings, both GNN sweeps, every decoder and the normalisation), run under
-``torch.no_grad`` as ``ghnq-deploy predict`` does; ``GNN`` is the two sweeps alone, level by level
-(in inference mode, as inside ``predict_params``);
-``node-by-node`` is the same GNN run one node per step in GHN-2's sequential order, written out
-here as a baseline measured in this process, so the ratio shows what level batching and the
-message table buy. Timings on a shared machine are noisy: compare rows of one run only.
+Per net (ResNet-20 and MobileNetV2 from examples/, torchvision ResNet-18 and ResNet-50 imported at
+3x32x32 / 10 classes): ``graph`` builds the graph from the spec; ``fwd`` is ``predict_params``
+under ``torch.no_grad`` as ``ghnq-deploy predict`` runs it; ``load`` is the rest of
+``ghn.predict.predict``: the predicted tensors made into the net's state dict with its
+unpredicted buffers; ``total`` is ``predict`` end to end. ``old`` columns run the previous
+implementation in the same process, interleaved repeat by repeat with the new one: the decoder
+of tests/legacy_ghn_model.py (a frozen copy of the model before tiling by repeat) and the old
+load (a seeded ``build_model`` per net, whose random init is overwritten). Medians of
+``--repeats``, as wall time and as this process's CPU time (the idle-core estimate on a shared
+machine). Both give bit-identical parameters (tests/test_ghn_tiling_identical.py).
+
+``--folder N``: N ``id-test`` nets (the checkpoint's space) through ``predict`` one net per call
+against meta-batches of 16 (``ghnq-deploy predict``'s default on a folder), ms per net.
+Timings on a shared machine are noisy: compare rows of one run only.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ghnq_deploy.arch.sampler import sample_split
+from ghnq_deploy.arch.builder import build_model
+from ghnq_deploy.arch.importer import import_model, resolve_source
+from ghnq_deploy.arch.sampler import sample_split, space_for
 from ghnq_deploy.arch.spec import load_spec
 from ghnq_deploy.ghn.checkpoint import load_ghn_checkpoint
-from ghnq_deploy.ghn.graph import GraphBatch, build_graph
-from ghnq_deploy.ghn.model import GHNQ
+from ghnq_deploy.ghn.graph import build_graph
+from ghnq_deploy.arch.spec import analyze
+from ghnq_deploy.ghn.predict import _state_dict, predict
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import legacy_ghn_model  # noqa: E402  (the frozen previous model, for the same-process baseline)
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _time(fn, clock=time.perf_counter) -> float:
+    start = clock()
+    fn()
+    return 1000 * (clock() - start)
+
+
+def _interleaved(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and CPU ms of each function, run in turn within every repeat (after a warm-up).
+
+    CPU time (``time.process_time``) counts only the time this process ran: at one thread on a
+    machine whose cores other jobs share, it is the better estimate of the wall time on an idle core.
+    """
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            c0, w0 = time.process_time(), time.perf_counter()
+            fn()
+            wall[k].append(1000 * (time.perf_counter() - w0))
+            cpu[k].append(1000 * (time.process_time() - c0))
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
 
 
-def _node_steps(batch: GraphBatch, graphs) -> list[list[tuple]]:
-    """Per sweep, one step per node in topological (backward: reverse) order, with its inputs."""
-    edges = np.concatenate([g.edges + np.array([off, off, 0]) for g, off in zip(graphs, batch.offsets)])
-    sweeps = []
-    for reverse in (False, True):
-        src, dst = (edges[:, 1], edges[:, 0]) if reverse else (edges[:, 0], edges[:, 1])
-        order = range(batch.num_nodes - 1, -1, -1) if reverse else range(batch.num_nodes)
-        steps = []
-        for v in order:
-            into = dst == v
-            real, virt = into & (edges[:, 2] == 1), into & (edges[:, 2] > 1)
-            weight = torch.from_numpy((1.0 / edges[virt, 2].astype(np.float32))[:, None])
-            steps.append((v, torch.from_numpy(src[real]), torch.from_numpy(src[virt]), weight))
-        sweeps.append(steps)
-    return sweeps
+def _load(spec, info, params, seed=0):
+    return _state_dict(spec, info, {k: v.detach().contiguous() for k, v in params.items()}, seed)
 
 
-def _node_by_node(gnn, h: torch.Tensor, sweeps) -> torch.Tensor:
-    """GHN-2's sequential sweep: each node's messages from its (already updated) neighbours."""
-    h = h.clone()
-    for steps in sweeps:
-        for v, real, virt, weight in steps:
-            m = h.new_zeros(1, h.shape[1])
-            if len(real):
-                m = m + gnn.message(h[real]).sum(0, keepdim=True)
-            if len(virt):
-                m = m + (gnn.virtual_message(h[virt]) * weight).sum(0, keepdim=True)
-            h[v:v + 1] = gnn.gru(m, h[v:v + 1])
-    return h
+def _old_load(spec, params, seed=0):
+    state = build_model(spec, seed=seed).state_dict()
+    for name, value in params.items():
+        state[name] = value.detach().contiguous()
+    return state
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="default")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--folder", type=int, default=100, help="nets for the meta-batch comparison (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    try:
-        ghn, _ = load_ghn_checkpoint(args.checkpoint)
-    except ValueError:
-        ghn = GHNQ().eval()
+    ghn, ghn_info = load_ghn_checkpoint(args.checkpoint)
+    old = legacy_ghn_model.GHNQ(legacy_ghn_model.GHNConfig(**vars(ghn.config)))
+    old.load_state_dict(ghn.state_dict())
+    old.eval()
     cases = {
-        "resnet20": [load_spec(EXAMPLES / "resnet20.json")],
-        "mobilenetv2": [load_spec(EXAMPLES / "mobilenetv2_cifar.json")],
-        "50 id-test nets (one meta-batch)": sample_split("id-test", 50, 0),
+        "ResNet-20 (examples)": load_spec(ROOT / "examples" / "resnet20.json"),
+        "MobileNetV2 (examples)": load_spec(ROOT / "examples" / "mobilenetv2_cifar.json"),
+        "ResNet-18 (torchvision)": import_model(resolve_source("torchvision:resnet18", 10), "resnet18", (3, 32, 32), 10),
+        "ResNet-50 (torchvision)": import_model(resolve_source("torchvision:resnet50", 10), "resnet50", (3, 32, 32), 10),
     }
-    print(f"threads={args.threads} repeats={args.repeats} (median ms)")
-    print(f"{'case':34s} {'nodes':>6s} {'levels':>7s} {'graph':>7s} {'GHN fwd':>8s} {'GNN':>7s} "
-          f"{'node-by-node':>13s} {'speed-up':>9s}")
+    print(f"threads={args.threads} repeats={args.repeats} (median ms; old = previous implementation, same process)")
+    header = (f"{'net':24s} {'nodes':>6s} {'params':>10s} {'graph':>7s} {'fwd':>7s} {'old fwd':>8s} {'load':>7s} "
+              f"{'old load':>9s} {'total':>7s} {'old total':>10s} {'speed-up':>9s}")
+    rows: dict[str, list[str]] = {"wall": [], "cpu": []}
     with torch.no_grad():
-        for name, specs in cases.items():
-            graphs = [build_graph(s) for s in specs]
-            graph_ms = _median_ms(lambda: [build_graph(s) for s in specs], args.repeats)
-            forward_ms = _median_ms(lambda: ghn.predict_params(graphs), args.repeats)
-            batch = GraphBatch.from_graphs(graphs)
-            sweeps = _node_steps(batch, graphs)
-            with torch.inference_mode():  # as inside predict_params
-                h0 = ghn.op_embedding(batch.primitives) + ghn.shape_encoder(batch.shapes)
-                level_ms = _median_ms(lambda: ghn.gnn(h0, batch), args.repeats)
-                node_ms = _median_ms(lambda: _node_by_node(ghn.gnn, h0, sweeps), max(1, args.repeats // 3))
-                torch.testing.assert_close(ghn.gnn(h0, batch), _node_by_node(ghn.gnn, h0, sweeps), rtol=1e-4, atol=1e-5)
-            nodes = sum(g.num_nodes for g in graphs)
-            levels = len(batch.forward.levels) + len(batch.backward.levels)
-            print(f"{name:34s} {nodes:6d} {levels:7d} {graph_ms:7.1f} {forward_ms:8.1f} {level_ms:7.1f} "
-                  f"{node_ms:13.1f} {node_ms / level_ms:8.1f}x")
+        for name, spec in cases.items():
+            info = analyze(spec, param_cap=sys.maxsize)
+            graph = build_graph(spec, info, s_max=ghn.config.s_max)
+            params = ghn.predict_params([graph])[0]
+            timings = _interleaved({
+                "graph": lambda: build_graph(spec, analyze(spec, param_cap=sys.maxsize), s_max=ghn.config.s_max),
+                "fwd": lambda: ghn.predict_params([graph]),
+                "old fwd": lambda: old.predict_params([graph]),
+                "load": lambda: _load(spec, info, params),
+                "old load": lambda: _old_load(spec, params),
+            }, args.repeats)
+            n = sum(v.numel() for v in params.values())
+            for kind, t in zip(("wall", "cpu"), timings):
+                total = t["graph"] + t["fwd"] + t["load"]
+                old_total = t["graph"] + t["old fwd"] + t["old load"]
+                rows[kind].append(f"{name:24s} {graph.num_nodes:6d} {n:10,d} {t['graph']:7.1f} {t['fwd']:7.1f} "
+                                  f"{t['old fwd']:8.1f} {t['load']:7.1f} {t['old load']:9.1f} {total:7.1f} "
+                                  f"{old_total:10.1f} {old_total / total:8.2f}x")
+        for kind, title in (("wall", "wall time"), ("cpu", "CPU time of this process (idle-core estimate)")):
+            print(f"\n{title}\n{header}")
+            print("\n".join(rows[kind]))
+        if args.folder:
+            specs = sample_split("id-test", args.folder, 0, space=space_for(ghn.config.num_primitives))
+            for clock, title in ((time.perf_counter, "wall"), (time.process_time, "CPU")):
+                one = _time(lambda: [predict(ghn, [s], ghn_info=ghn_info) for s in specs], clock) / len(specs)
+                meta = _time(lambda: [predict(ghn, specs[i:i + 16], ghn_info=ghn_info)
+                                      for i in range(0, len(specs), 16)], clock) / len(specs)
+                print(f"\n{args.folder} id-test nets through ghn.predict.predict ({title} time): one net per call "
+                      f"{one:.1f} ms/net, meta-batches of 16 {meta:.1f} ms/net ({one / meta:.1f}x)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Layout of a workspace (default ``./ghnq-runs``, or $GHNQ_WORKSPACE, or --workspa
       <arch name>/
         arch.json             the spec that was predicted
         model.pt              predicted model (spec + state_dict), weights_only-loadable
+        MODEL                 (after ``finetune``) the run's model file, relative: finetune/model.pt
+        finetune/model.pt     the fine-tuned model, with its own export/ and verify/ folders
         predict.json          summary of the prediction (GHN hash, seed, timing)
         export/<target>/      files written by ``export`` with their manifest.json
         verify/<device>/      reports written by ``verify``
@@ -144,13 +146,41 @@ def current_run(workspace: str | os.PathLike | None = None) -> Path:
     return run
 
 
-def resolve_model(model: str | os.PathLike | None, workspace: str | os.PathLike | None = None) -> Path:
-    """A model file given directly, a run folder, or the current run's model.pt."""
+ACTIVE_MODEL = "MODEL"  # in a run folder: which model file export / verify use (the prediction if absent)
+
+
+def set_active_model(run: Path, model: Path | None) -> None:
+    """Make ``model`` (a file inside ``run``) the run's model from now on; None: back to the prediction."""
+    marker = run / ACTIVE_MODEL
     if model is None:
-        return current_run(workspace) / "model.pt"
+        marker.unlink(missing_ok=True)
+        return
+    atomic_write_text(marker, Path(model).resolve().relative_to(run.resolve()).as_posix() + "\n")
+
+
+def active_model(run: Path) -> Path:
+    """The run folder's model: the one its MODEL marker names (a fine-tune), else model.pt."""
+    marker = run / ACTIVE_MODEL
+    if not marker.is_file():
+        return run / "model.pt"
+    try:
+        name = marker.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkspaceError(f"{marker}: cannot read the run's model marker ({exc})") from None
+    path = run / name
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():
+        raise WorkspaceError(f"{marker}: names {name!r}, which is not a model file in {run} (pick one with --model, "
+                             f"or delete {marker} to use the prediction)")
+    return path
+
+
+def resolve_model(model: str | os.PathLike | None, workspace: str | os.PathLike | None = None) -> Path:
+    """A model file given directly, a run folder (its active model), or the current run's active model."""
+    if model is None:
+        return active_model(current_run(workspace))
     path = Path(model)
     if path.is_dir():
-        path = path / "model.pt"
+        path = active_model(path)
     if not path.exists():
         raise WorkspaceError(f"{path}: no such model")
     return path

@@ -257,3 +257,28 @@ def test_cli_bad_bits_subprocess(tmp_path):
     assert proc.returncode == 2
     assert [line for line in proc.stderr.splitlines() if line.strip()] == [
         "error: bit-width 'w1a1': widths must be 2..8 (or 32 for float)"]
+
+
+def test_running_bn_uses_the_export_calibration_path():
+    """evaluate --bn running and export share one calibration set and one BN routine: identical statistics."""
+    from ghnq_deploy.arch.sampler import sample_arch
+    from ghnq_deploy.calibration import load_calibration
+    from ghnq_deploy.export.pipeline import prepare_model
+    from ghnq_deploy.ghn.checkpoint import load_ghn_checkpoint
+    from ghnq_deploy.ghn.predict import predict
+    from ghnq_deploy.report.evaluate import load_calibration_images, prepare_bn
+
+    ghn, _ = load_ghn_checkpoint()
+    pm = predict(ghn, [sample_arch("id-test", 0, 0, space=1)])[0]
+    cfg = EvalConfig(bn="running")
+    cal = load_calibration_images(cfg, pm.spec.input_shape, pm.spec.num_classes)
+    assert cal.sha256 == load_calibration().sha256  # the set export records in its manifest
+    ours = prepare_bn(pm.build(bn_mode="batch"), cal)
+    theirs = prepare_model(pm.build(), cal.images).calibrated
+    pairs = [(a, b) for a, b in zip(ours.modules(), theirs.modules()) if isinstance(a, torch.nn.BatchNorm2d)]
+    assert pairs
+    for a, b in pairs:
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+    other = prepare_bn(pm.build(bn_mode="batch"), cal.subset(64))  # a different set gives other statistics
+    assert not all(torch.equal(a.running_mean, c.running_mean)
+                   for a, c in zip(ours.modules(), other.modules()) if isinstance(a, torch.nn.BatchNorm2d))

@@ -47,7 +47,10 @@ def _fixed_loss(ghn, cfg: TrainConfig, steps=(1000, 1001, 1002)) -> float:
 
 
 def test_tiny_training_lowers_the_loss(tmp_path):
-    cfg = _cfg(tmp_path, steps=40, lr=2e-3, checkpoint_every=40)
+    # whole-tensor normalisation: a fresh weight-standardised GHN already starts at the uniform
+    # loss (ln 10 per net: 13.97 on these 6 nets, against 27.2 here), which 40 steps on 256
+    # images cannot beat by 10 %; this test is about the training loop, not the normalisation
+    cfg = _cfg(tmp_path, steps=40, lr=2e-3, checkpoint_every=40, ghn={"weight_standardization": False})
     initial = _fixed_loss(make_ghn(cfg), cfg)  # the same initialisation train() starts from
     final_path = train(cfg)
     ghn, info = load_ghn_checkpoint(final_path)
@@ -86,10 +89,14 @@ def _free_port() -> int:
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
-    """Nets 0,2 on rank 0 and 1,3 on rank 1, gradients averaged by DDP: same step as one process."""
-    cfg = _cfg(tmp_path / "single", steps=1, meta_batch=4, checkpoint_every=1)
+    """Nets 0,2 on rank 0 and 1,3 on rank 1, gradients averaged by DDP: same step as one process.
+
+    In float32: bf16 would round the few float32 differences of a 2-net vs 4-net GHN forward
+    into differences 2^-8 relative, which is about precision, not about the DDP split.
+    """
+    cfg = _cfg(tmp_path / "single", steps=1, meta_batch=4, checkpoint_every=1, precision="fp32")
     single = train(cfg)
-    ddp_cfg = _cfg(tmp_path / "ddp", steps=1, meta_batch=4, checkpoint_every=1)
+    ddp_cfg = _cfg(tmp_path / "ddp", steps=1, meta_batch=4, checkpoint_every=1, precision="fp32")
     mp.start_processes(_ddp_worker, args=(2, _free_port(), ddp_cfg.__dict__), nprocs=2, start_method="spawn")
     a, _ = load_ghn_checkpoint(single)
     b, _ = load_ghn_checkpoint(tmp_path / "ddp" / "run" / "ghn.pt")

@@ -153,13 +153,20 @@ def _model_variant(good: bytes, kind: int, value) -> bytes:
 
 @settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(kind=st.integers(-1, 5), value=json_like | st.integers(0, 10**7), command=st.sampled_from(["onnx", "tflite-int8"]))
+@given(kind=st.integers(-1, 5), value=json_like | st.integers(0, 10**7),
+       command=st.sampled_from(["onnx", "tflite-int8", "verify", "finetune"]))
 def test_bad_model_pt_is_one_error_line(tmp_path_factory, kind: int, value, command: str):
+    """Every command that reads a model.pt: export (two formats), verify and finetune."""
     run = tmp_path_factory.mktemp("run")
     raw = b"" if kind == -1 else _model_variant(predicted_model(), kind, value)
     (run / "model.pt").write_bytes(raw)
-    assert_one_error_line(invoke("export", "--target", command, "--model", str(run), "--no-eval"))
-    assert not (run / "export").exists()
+    args = {"verify": ["verify", "--model", str(run), "-d", "x86-litert", "--limit-images", "8"],
+            "finetune": ["finetune", "--model", str(run), "--steps", "1", "--train-images", "32", "--threads", "1",
+                         "-o", str(run / "finetune")]}.get(
+        command, ["export", "--target", command, "--model", str(run), "--no-eval"])
+    assert_one_error_line(invoke(*args))
+    assert not (run / "export").exists() and not (run / "verify").exists()
+    assert not (run / "finetune" / "model.pt").exists()
 
 
 def _npz(**arrays) -> bytes:

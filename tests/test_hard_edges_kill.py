@@ -149,3 +149,23 @@ def test_a_second_target_into_one_export_folder_is_refused(tmp_path, predicted_r
                                         "--no-eval", "-o", str(out)))
     assert "already holds the onnx export" in line
     assert (out / "manifest.json").read_bytes() == before
+
+
+def test_library_export_checks_its_output_and_sweeps_partials_before_any_work(tmp_path):
+    """pipeline.export() itself (not only the CLI) fails on an unwritable output before loading anything,
+    and a dead export's partial folder is removed even when this export then fails."""
+    from ghnq_deploy.errors import UserError
+    from ghnq_deploy.export.pipeline import export
+
+    missing_model = tmp_path / "no-such-run" / "model.pt"  # would fail later, at load time
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        export(missing_model, "onnx", out_dir=blocker)
+    out = tmp_path / "out"
+    stale = out / f".export-{_dead_pid()}-abc.partial"
+    stale.mkdir(parents=True)
+    (stale / "model.onnx").write_bytes(b"half")
+    with pytest.raises(UserError):
+        export(missing_model, "onnx", out_dir=out)
+    assert not stale.exists()

@@ -119,3 +119,33 @@ def test_arch_sample_checks_free_space(tmp_path, monkeypatch):
     result = invoke("arch", "sample", "--split", "id-test", "-n", "100", "-o", str(tmp_path / "out"))
     assert_one_error_line(result, contains="MiB")
     assert not (tmp_path / "out").exists()
+
+
+def _all_commands(group=None, path=()):
+    """Every leaf command of the CLI, as argument lists."""
+    import typer
+
+    from ghnq_deploy.cli import _load_commands, app
+
+    _load_commands()
+    group = group or app
+    for command in group.registered_commands:
+        name = command.name or command.callback.__name__.replace("_", "-")
+        yield [*path, name]
+    for sub in group.registered_groups:
+        if isinstance(sub.typer_instance, typer.Typer):
+            yield from _all_commands(sub.typer_instance, (*path, sub.name))
+
+
+def test_usage_lines_write_arguments_as_click_does():
+    """``predict [OPTIONS] ARCH``, ``evaluate [OPTIONS] [PATHS]...``: no typer-0.29 braces anywhere."""
+    commands = list(_all_commands())
+    assert ["predict"] in commands and ["verify"] in commands and len(commands) > 10
+    for command in commands:
+        usage = next(line for line in invoke(*command, "--help").stdout.splitlines() if "Usage:" in line)
+        assert "{" not in usage and "}" not in usage, (command, usage)
+    assert "Usage: ghnq-deploy predict [OPTIONS] ARCH" in " ".join(invoke("predict", "--help").stdout.split())
+    # argument types as words too: PATH, PATH..., TEXT (not typer's <path>, <list[Path]>, <str>)
+    for command, word in ((["predict"], "ARCH PATH"), (["evaluate"], "PATHS PATH..."), (["targets", "show"], "NAME TEXT")):
+        page = " ".join(invoke(*command, "--help").stdout.split())
+        assert word in page and "<list[" not in page and "<path>" not in page and "<str>" not in page, (command, page)

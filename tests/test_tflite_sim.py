@@ -15,6 +15,7 @@ from ghnq_deploy.quant.tflite_graph import read_tflite
 from ghnq_deploy.runtime import litert_runner
 
 from export_helpers import calibration_images, edge_spec, float_model, parity_inputs, sampled_specs
+from new_ops_nets import NEW_OP_NETS
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -30,6 +31,16 @@ def int8_files(tmp_path_factory):
         path.write_bytes(tflite_export.convert_full_int8(tflite_export.build_keras_model(float_model(spec)), cal))
         files[spec.name] = path
     return files
+
+
+@pytest.fixture(scope="module")
+def space2_file(tmp_path_factory):
+    """A space-2 sampled net with HARD_SWISH, LOGISTIC, MUL, TRANSPOSE, STRIDED_SLICE, PAD, concat, residual."""
+    spec = sampled_specs(space=2)[5]
+    path = tmp_path_factory.mktemp("tflite-sim-space2") / f"{spec.name}.tflite"
+    cal = normalize(calibration_images(32)).numpy()
+    path.write_bytes(tflite_export.convert_full_int8(tflite_export.build_keras_model(float_model(spec)), cal))
+    return path
 
 
 def _quantized_inputs(path, x: np.ndarray) -> np.ndarray:
@@ -91,6 +102,15 @@ def test_integer_equals_builtin_ref_on_images(int8_files, name):
     out = tflite_sim.simulate(path, q, arithmetic="integer", batch_size=16)
     assert out.dtype == np.int8 and out.shape == ref.shape
     np.testing.assert_array_equal(out.astype(np.int64), ref)
+
+
+def test_integer_equals_builtin_ref_on_a_space2_net(space2_file):
+    ops = {op.op for op in read_tflite(space2_file).operators}
+    assert {"HARD_SWISH", "LOGISTIC", "MUL", "TRANSPOSE"} <= ops
+    q = _quantized_inputs(space2_file, parity_inputs(32))
+    q[0] = -128  # saturated inputs
+    np.testing.assert_array_equal(tflite_sim.simulate(space2_file, q, arithmetic="integer").astype(np.int64),
+                                  _litert_raw(space2_file, q, "reference"))
 
 
 def test_integer_equals_builtin_ref_on_random_int8(int8_files):
@@ -195,15 +215,40 @@ def test_fast_requantization_equals_the_integer_definition():
     assert rq.requantize_float_exact(torch.tensor([float(1 << 30)]), [rq.INT32_MAX], [0]) is None  # bound
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_clamped_requantization_equals_the_integer_definition(relu):
+    g = torch.Generator().manual_seed(1)
+    rng = np.random.default_rng(1)
+    for trial in range(12):
+        acc = torch.randint(-(1 << 21), 1 << 21, (2048, 8), generator=g)
+        acc[:64] = torch.from_numpy(rng.integers(-40, 40, size=(64, 8)))  # many exact ties
+        m = rng.integers(1 << 30, (1 << 31) - 1, size=8) if trial % 3 else np.full(8, 1 << 30)
+        s = -rng.integers(0, 20, size=8)
+        s[0] = 0  # a channel without the second rounding
+        zero = int(rng.integers(-128, 128))
+        lo, hi = (zero, 127) if relu else (-128, 127)
+        work = torch.empty(acc.shape, dtype=torch.float64)
+        for rounding in ("double", "single"):
+            want = (rq.multiply_by_quantized_multiplier(acc, m, s, rounding) + zero).clamp(lo, hi)
+            got = rq.requantize_clamped(acc.to(torch.float32 if trial % 2 else torch.float64), m, s, rounding, None,
+                                        zero, lo, hi, torch.int8, work, torch.empty_like(work))
+            assert got.dtype == torch.int8 and torch.equal(got.to(torch.int64), want), (trial, rounding)
+
+
 @pytest.mark.slow
-def test_integer_equals_builtin_ref_on_sampled_nets_full_eval_set(tmp_path):
+@pytest.mark.parametrize("space", [1, 2])
+def test_integer_equals_builtin_ref_on_sampled_nets_full_eval_set(tmp_path, space):
     """The bar: 0 LSB vs BUILTIN_REF on the 20 sampled nets (all splits, depthwise, dilated,
-    concat, residual, BN-free) on the 2,000 shipped evaluation images."""
+    concat, residual, BN-free) on the 2,000 shipped evaluation images; space 2 adds the
+    new ops' nets (HARD_SWISH, LOGISTIC, MUL, TRANSPOSE, RESIZE_NEAREST_NEIGHBOR, ...)."""
     from ghnq_deploy.calibration import load_eval_set
 
     x = normalize(load_eval_set().images).numpy()
     cal = normalize(calibration_images(64)).numpy()
-    for spec in sampled_specs(space=1):
+    specs = list(sampled_specs(space=space))
+    if space == 2:
+        specs += [make() for make, _ in NEW_OP_NETS.values()]
+    for spec in specs:
         path = tmp_path / f"{spec.name}.tflite"
         path.write_bytes(tflite_export.convert_full_int8(tflite_export.build_keras_model(float_model(spec)), cal))
         q = _quantized_inputs(path, x)

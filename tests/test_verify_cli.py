@@ -61,7 +61,12 @@ def test_json_report_has_every_stage_and_provenance(report, run):
         assert r["float_file"]["bytes"] > r["file"]["bytes"] and r["size_ratio"] > 2
         assert r["scheme_check"]["ok"], r["scheme_check"]
         assert r["where"] == "this host"
-        assert r["target_sim_encodings"].startswith("read from the exported file") and r["integer_sim"] is None
+        assert r["target_sim_encodings"].startswith("read from the exported file")
+        assert r["integer_sim"]["rounding"] == "double"  # the targets' declared rounding
+        g = r["gap"]  # the chain paper -> ... -> runtime: its parts add up to the total
+        assert [s["stage"] for s in g["steps"]] == ["float", "paper", "paper_running", "target", "integer", "runtime"]
+        assert sum(g["parts"].values()) == pytest.approx(g["total_pt"], abs=1e-9)
+        assert g["total_pt"] == pytest.approx(r["real_top1"] - r["paper_sim_top1"])
     # W4A8 is real: an int8 file holding only 4-bit levels, exported by verify itself
     w4 = json.loads((ws / "resnet20" / "export" / "tflite-int8-w4a8" / "manifest.json").read_text())
     assert w4["weights"]["weight_int_range"] == [-7, 7] and w4["weights"]["bits"] == "w4a8"
@@ -71,6 +76,7 @@ def test_json_report_has_every_stage_and_provenance(report, run):
         on_disk = json.loads((folder / "report.json").read_text())
         assert {r["target"] for r in on_disk["rows"]} == {device}
         assert (folder / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (folder / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "tensorflow" not in done.stderr.lower()
 
 
@@ -93,6 +99,51 @@ def test_integer_simulator_stage_against_the_reference_kernels(run):
     assert vs_real["max_step_diff"] <= 1 and vs_real["within_one_step"] == 1.0
 
 
+def test_onnx_target_sim_reads_its_encodings_from_the_file(run):
+    """onnxruntime-cpu: the target sim executes the exported QDQ file itself (quant/onnx_sim.py)."""
+    _, env = run
+    done = cli(["verify", "-d", "onnxruntime-cpu", "--bits", "w8a8,w4a8", "--limit-images", "100",
+                "--timing-runs", "2", "--json"], env)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["rows"]
+    assert {r["bits"] for r in rows} == {"w8a8", "w4a8"}
+    for r in rows:
+        assert r["format"] == "onnx-int8" and r["target_sim_encodings"].startswith("read from the exported file")
+        s = r["sim_vs_real"]
+        assert s["within_one_step"] >= 0.99 and s["max_step_diff"] <= 3, s
+        assert s["clear_margin_agreement"] in (None, 100.0)
+
+
+def test_rounding_option_picks_the_integer_simulator_mode(run):
+    _, env = run
+    done = cli(["verify", "-d", "x86-litert", "--limit-images", "50", "--timing-runs", "2", "--rounding", "xnnpack",
+                "--json"], env)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout)["rows"][0]
+    assert row["integer_sim"]["rounding"] == "xnnpack"
+    assert row["integer_sim"]["vs_real"]["within_one_step"] >= 0.99  # vs XNNPACK itself
+    done = cli(["verify", "-d", "x86-litert", "--limit-images", "50", "--timing-runs", "2", "--no-integer-sim",
+                "--json"], env)
+    row = json.loads(done.stdout)["rows"][0]
+    assert row["integer_sim"] is None and "integer arithmetic + kernel / platform" in row["gap"]["parts"]
+
+
+def test_localise_on_request_and_past_max_gap(run):
+    _, env = run
+    common = ["verify", "-d", "litert-ref", "--limit-images", "50", "--timing-runs", "2"]
+    done = cli(common + ["--localise", "--json"], env)
+    assert done.returncode == 0, done.stderr
+    loc = json.loads(done.stdout)["rows"][0]["localise"]
+    assert loc["samples"] == 8 and loc["kernels"] == "reference" and len(loc["layers"]) > 10
+    means = [r["vs_float_mean_steps"] for r in loc["layers"] if r["vs_float_mean_steps"] is not None]
+    assert means == sorted(means, reverse=True)
+    assert all(r["vs_sim_max_steps"] == 0 for r in loc["layers"])  # reference kernels == integer simulator
+    gated = cli(common + ["--max-gap", "0", "--json"], env)
+    row = json.loads(gated.stdout)["rows"][0]
+    over = abs(row["gap"]["total_pt"]) > 0 or abs(row["delta_top1_pt"]) > 0
+    assert bool(row.get("localise")) == over
+
+
 def test_max_gap_exit_codes(report, run):
     rep, _ = report
     ws, env = run
@@ -109,6 +160,7 @@ def test_max_gap_exit_codes(report, run):
     (["--device", "nope"], "unknown target 'nope'"),
     (["--bits", "w8a8,w8a8"], "distinct bit-widths"),
     (["--bits", "fp32"], "fp32 is the float stage"),
+    (["--rounding", "nearest"], "--rounding 'nearest'"),
     (["-d", "x86-litert", "--emulator", "qemu"], "declares no [emulation]"),
     (["-d", "x86-litert", "--host", "pi@x"], "runs on this host"),
     (["--model", "/nonexistent/model.pt"], "no such model"),

@@ -110,7 +110,33 @@ def _plain_help(typer_app: typer.Typer) -> None:
             _plain_help(group.typer_instance)
 
 
+def _click_usage_name(self) -> str:
+    """An argument in the usage line as click writes it: ``ARCH`` required, ``[ARCH]`` optional, ``...`` repeated."""
+    name = self.display_name_raw
+    name = name if self.required else f"[{name}]"
+    return name + ("..." if self.nargs != 1 else "")
+
+
+def _plain_usage() -> None:
+    """typer 0.29 wraps required arguments in braces in usage lines (``{ARCH}``) and types them as
+    ``<list[Path]>``; click and every other CLI a user knows write ``ARCH`` and ``PATH...``. The hooks
+    are private, so each is replaced only if it exists."""
+    from typer import core
+
+    if hasattr(core.TyperArgument, "_usage_display_name"):
+        core.TyperArgument._usage_display_name = _click_usage_name
+    original = getattr(core.TyperArgument, "display_type_rich", None)
+    if original is not None and not getattr(original, "_plain", False):
+        def display_type_rich(self, ctx):  # an argument's type as a word (PATH, PATH...), not <list[Path]>
+            word = _metavar(getattr(self.type_descriptor, "annotation", None))
+            return word if word else original(self, ctx)
+
+        display_type_rich._plain = True
+        core.TyperArgument.display_type_rich = display_type_rich
+
+
 def _load_commands() -> None:
+    _plain_usage()
     for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         importlib.import_module(f"{__name__}.{module.name}")
     _plain_help(app)

@@ -69,7 +69,7 @@ def evaluate(
     batch_size: int = typer.Option(64, min=1, max=65_536, help="Test batch size (the paper uses 64; it sets the BN statistics)."),
     order_seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the fixed test-order permutation (the test file is class-sorted)."),
     meta_batch: int = typer.Option(8, min=1, max=4096, help="Nets per GHN forward pass."),
-    calibration_images: int = typer.Option(512, min=1, help="CIFAR-10 train images for calibrated ranges / --bn running."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration .npz for calibrated ranges / --bn running (the same set and BN routine as export); default: the shipped 1,000 CIFAR-10 train images."),
     data: Optional[str] = typer.Option(None, help="CIFAR-10 folder (npz copy or cifar-10-batches-py)."),
     out: Optional[Path] = typer.Option(None, "--output", "-o", "--out", help="Folder for evaluation.json, per_network.csv, table1.md, PNG (--out is the old spelling)."),
     threads: Optional[int] = typer.Option(None, min=1, max=1024, help="torch intra-op threads (use 1 on a machine shared with a job)."),
@@ -88,7 +88,7 @@ def evaluate(
     cfg = EvalConfig(
         bits=tuple(b.strip().lower() for b in bits.split(",") if b.strip()), scheme=scheme, bn=bn,
         batch_size=batch_size, limit_images=limit_images, order_seed=order_seed,
-        meta_batch=meta_batch, calibration_images=calibration_images, data=data,
+        meta_batch=meta_batch, calibration=calibration, data=data,
     )
     cfg.validate()
     if out is not None:

@@ -21,7 +21,8 @@ from ghnq_deploy.ghn.checkpoint import load_ghn_checkpoint
 from ghnq_deploy.ghn.model import BIT_OPTIONS
 from ghnq_deploy.io import atomic_write_text
 from ghnq_deploy.quant.scheme import PRESETS, QuantSchemeError
-from ghnq_deploy.workspace import check_output_file, check_unique_names, check_workspace, run_dir, set_current
+from ghnq_deploy.workspace import (check_output_file, check_unique_names, check_workspace, run_dir, set_active_model,
+                                  set_current)
 
 _THREADS_HELP = "torch intra-op threads (use 1 on a machine shared with a job)."
 _MAX_THREADS = 1024
@@ -113,6 +114,7 @@ def predict(
                    "checkpoint": info["path"], "checkpoint_sha256": info["sha256"], "bits": model.meta["bits"]}
             if output is None:
                 atomic_write_text(target.parent / "predict.json", json.dumps(row, indent=1) + "\n")
+                set_active_model(target.parent, None)  # a new prediction: an earlier fine-tune no longer applies
                 set_current(target.parent)
             rows.append(row)
     if as_json:
@@ -158,8 +160,19 @@ def train(
     device: Device = typer.Option(Device.cpu, help="Where to train."),
     max_minutes: Optional[float] = typer.Option(None, min=0.0, help="Wall-clock budget: shorten the run (and its lr decay) to fit."),
     threads: Optional[int] = typer.Option(None, min=1, max=_MAX_THREADS, help=_THREADS_HELP),
+    weight_standardization: Optional[bool] = typer.Option(
+        None, "--weight-standardization/--no-weight-standardization",
+        help="A fresh GHN normalises each predicted weight channel to zero mean and He scale (default: on; "
+             "BN-free nets collapse without it, docs/ghn.md). Not with --resume / --init-from: the GHN's own "
+             "setting is kept."),
+    precision: Optional[str] = typer.Option(None, help="Precision of the sampled nets: auto (bf16 where the CPU or "
+                                            "GPU computes it natively, else fp32), bf16 or fp32; the GHN and Adam "
+                                            "stay fp32. Default: auto for a new run; --resume keeps the run's own "
+                                            "(fp32 for runs started before this option)."),
 ) -> None:
     """Meta-train GHN-Q on CIFAR-10 (runs under torchrun with DistributedDataParallel too)."""
+    from ghnq_deploy.ghn.allocator import keep_freed_memory
+    from ghnq_deploy.ghn.precision import PRECISIONS, PrecisionError
     from ghnq_deploy.ghn.train import TrainConfig, init_distributed, train as run_train
 
     if qat_scheme not in PRESETS:
@@ -167,6 +180,11 @@ def train(
     if range_penalty and not qat:
         raise QuantSchemeError("--range-penalty needs --qat (it acts on the quantized nets of a QAT meta-batch)")
     _check_threads(threads)
+    if precision is not None and precision not in PRECISIONS:
+        raise PrecisionError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if weight_standardization is not None and (resume or init_from):
+        raise UserError("--weight-standardization applies to a fresh GHN; --resume and --init-from keep the "
+                        "GHN's own setting")
     for flag, value in (("--epochs", epochs), ("--lr", lr), ("--loss-cap", loss_cap), ("--max-minutes", max_minutes)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UserError(f"{flag} must be a finite number above 0, got {value}")
@@ -193,11 +211,15 @@ def train(
         lr=lr, weight_decay=weight_decay, lr_decay_at=lr_decay_at, seed=seed, checkpoint_every=checkpoint_every,
         train_images=train_images, init_from=init_from, qat_bits=bits, qat_scheme=qat_scheme,
         bit_conditioning=bit_conditioning, device=device, max_minutes=max_minutes, loss_cap=loss_cap,
-        range_penalty=range_penalty,
+        range_penalty=range_penalty, precision=precision,
+        ghn={} if weight_standardization is None else {"weight_standardization": weight_standardization},
     )
     import torch.distributed as dist
 
     _set_threads(threads)
+    # while it trains, the process keeps freed memory (see ghn/allocator.py); glibc's defaults
+    # come back when train returns, for callers that go on in the same process
+    tuned = device == "cpu" and keep_freed_memory()
     rank = dist.get_rank() if distributed else 0
     columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.1%}"), TimeElapsedColumn(),
@@ -208,7 +230,11 @@ def train(
         def on_step(result) -> None:
             progress.update(task, total=result.total_steps, completed=result.step, loss=result.loss, acc=result.accuracy)
 
-        final = run_train(cfg, resume=resume, on_step=on_step)
+        try:
+            final = run_train(cfg, resume=resume, on_step=on_step)
+        finally:
+            if tuned:
+                keep_freed_memory(False)
     if rank == 0:
         console.print(f"GHN checkpoint: [bold]{final}[/]; log: {out_dir / 'train_log.jsonl'}")
         console.print_json(json.dumps(asdict(cfg)))

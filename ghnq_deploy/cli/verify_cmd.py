@@ -40,6 +40,52 @@ def _table(report: dict) -> Table:
     return table
 
 
+def _gap_table(report: dict) -> Table:
+    """The waterfall: each stage's top-1, its change from the stage before (the part it measures)
+    and label agreement with it; one column block per (target, bit-width)."""
+    rows = [r for r in report["rows"] if r.get("gap")]
+    table = Table(title="gap chain: paper fake-quant -> runtime, split into its causes (Δ pt; agreement % with the "
+                        "stage before)")
+    table.add_column("stage")
+    table.add_column("part")
+    for r in rows:
+        table.add_column(f"{r['target']} {r['bits']}", justify="right")
+    keys = []
+    for r in rows:
+        for st in r["gap"]["steps"]:
+            if (st["stage"], st["part"]) not in keys:
+                keys.append((st["stage"], st["part"]))
+    for stage, part in keys:
+        cells = []
+        for r in rows:
+            st = next((x for x in r["gap"]["steps"] if x["stage"] == stage and x["part"] == part), None)
+            cells.append("-" if st is None else f"{st['top1']:.2f}" + (
+                "" if st["delta_pt"] is None else f" ({st['delta_pt']:+.2f}; {st['agreement']:.1f} %)"))
+        label = next(x["label"] for r in rows for x in r["gap"]["steps"] if x["stage"] == stage)
+        table.add_row(label, part or "", *cells)
+    table.add_row("[bold]total (runtime - paper)[/]", "sum of the parts",
+                  *[f"[bold]{r['gap']['total_pt']:+.2f}[/]" for r in rows])
+    return table
+
+
+def _localise_table(row: dict) -> Table:
+    loc = row["localise"]
+    table = Table(title=f"{row['target']} {row['bits']}: worst layers ({loc['samples']} images; error in each "
+                        f"layer's output steps)")
+    for col in ("op", "layer (output tensor)", "vs float mean", "vs float max", "vs int sim mean", "vs int sim max"):
+        table.add_column(col, justify="left" if col.startswith(("op", "layer")) else "right", overflow="fold")
+    for r in loc["layers"][:5]:
+        table.add_row(f"{r['op_index']} {r['op']}", r["tensor"][:70], _f(r["vs_float_mean_steps"], ".3f"),
+                      _f(r["vs_float_max_steps"], ".1f"), _f(r["vs_sim_mean_steps"], ".3f"),
+                      _f(r["vs_sim_max_steps"], ".0f"))
+    for f in loc["findings"]:
+        table.add_row(f"{f['op_index']} {f['op']}", f"[bold]{f['cause']}[/] (explains op {f['explains']}): "
+                      f"{f['detail']}; {f['tensor'][:60]}", "", "", "", "")
+    if not loc["findings"]:
+        table.add_row("", "no single cause found among the checks", "", "", "", "")
+    return table
+
+
 def _verdict(report: dict, max_gap: float | None) -> str:
     real = [r for r in report["rows"] if r.get("delta_top1_pt") is not None]
     if not real:
@@ -68,7 +114,9 @@ def verify_command(
     target_file: List[Path] = typer.Option([], "--target-file", help="Extra target .toml file (repeatable)."),
     timing_runs: Optional[int] = typer.Option(None, "--timing-runs", min=1, max=100000, help="Timed batch-1 runs (default: the target's)."),
     max_gap: Optional[float] = typer.Option(None, "--max-gap", min=0.0, help="Exit 1 when any |Δ top-1| (target sim vs real) exceeds X points."),
-    integer_sim: bool = typer.Option(False, "--integer-sim", help="Also run the integer simulator on TFLite files (the file's own integer arithmetic; slower)."),
+    integer_sim: bool = typer.Option(True, "--integer-sim/--no-integer-sim", help="Run the integer simulator on TFLite files (the gap chain's integer-arithmetic stage)."),
+    rounding: Optional[str] = typer.Option(None, "--rounding", help="Integer simulator rounding: double (TFLite reference), single (TFLite Micro / CMSIS-NN), xnnpack (fp32, ties to even); default: the target's scheme."),
+    localise: bool = typer.Option(False, "--localise", help="Compare every layer on a few images (float file, runtime, integer simulator) and name the worst with a cause; automatic when a gap exceeds --max-gap."),
     no_export: bool = typer.Option(False, "--no-export", help="Refuse instead of running a missing export first."),
     workspace: Optional[Path] = typer.Option(None, "--workspace", help="Workspace folder (default ./ghnq-runs or $GHNQ_WORKSPACE)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
@@ -92,7 +140,8 @@ def verify_command(
     cfg = VerifyConfig(devices=[t.name for t in targets], bits=bit_list, data=data, eval_set=eval_set,
                        limit_images=limit_images, host=host, emulator=emulator,
                        ssh_config=str(ssh_config) if ssh_config else None, timing_runs=timing_runs,
-                       export_missing=not no_export, integer_sim=integer_sim)
+                       export_missing=not no_export, integer_sim=integer_sim, rounding=rounding,
+                       localise=localise, max_gap=max_gap)
     if as_json:
         report, error = verify(model_path, targets, cfg)
     else:
@@ -107,10 +156,18 @@ def verify_command(
             written.append(rp.write_json(sub, folder))
             if rows:
                 written.append(rp.plot(sub, folder))
+                gap_png = rp.plot_gap(sub, folder)
+                if gap_png is not None:
+                    written.append(gap_png)
     if as_json:
         typer.echo(json.dumps({**report, "written": [str(p) for p in written]}, indent=1, default=str))
     else:
         console.print(_table(report))
+        if any(r.get("gap") for r in report["rows"]):
+            console.print(_gap_table(report))
+        for r in report["rows"]:
+            if r.get("localise"):
+                console.print(_localise_table(r))
         for note in report["notes"]:
             console.print(f"note: {note}", highlight=False)
         console.print(f"verdict: {_verdict(report, max_gap)}", highlight=False)

@@ -38,6 +38,10 @@ class ExportFormat:
     bits: tuple[str, ...] = ("fp32",)  # bit-widths the file can carry exactly
     default_runtime: str = ""  # registered runtime that checks the file at export time
     requantize: Callable[[Path, int], None] | None = None  # rewrite an int8 file's weights onto k-bit levels
+    # fake-quant execution of the file itself with its own encodings: (file, host inputs) -> raw outputs
+    # (int8 codes for int8-output files, floats on the output grid for QDQ files); the target sim
+    simulate: Callable[[Path, np.ndarray], np.ndarray] | None = None
+    integer_simulator: bool = False  # the bit-exact integer simulator (quant/tflite_sim.py) reads this family
 
 
 FORMATS: dict[str, ExportFormat] = {}
@@ -63,6 +67,21 @@ def export_folder_name(name: str, bits: str = "w8a8") -> str:
     if bits not in fmt.bits:
         raise UserError(f"{name} cannot carry {bits}; it carries {', '.join(fmt.bits)}")
     return name if bits == fmt.bits[0] else f"{name}-{bits}"
+
+
+# ----------------------------------------------------------------------------- simulators
+
+
+def _simulate_tflite(path: Path, inputs: np.ndarray) -> np.ndarray:
+    from ghnq_deploy.quant import tflite_sim
+
+    return tflite_sim.simulate(path, inputs, "fake-quant")
+
+
+def _simulate_onnx(path: Path, inputs: np.ndarray) -> np.ndarray:
+    from ghnq_deploy.quant import onnx_sim
+
+    return onnx_sim.simulate(path, inputs)
 
 
 # ----------------------------------------------------------------------------- converters
@@ -130,7 +149,7 @@ register(ExportFormat(
     "int8 QDQ ONNX (static quantization: per-channel symmetric int8 weights, int8 activations; float I/O)",
     family="onnx", integer=True, layout="NCHW", convert=_onnx_int8, read_io=onnx_export.io_quantization,
     weight_summary=_onnx_weights, float_counterpart="onnx", bits=("w8a8", "w4a8"), default_runtime="onnxruntime",
-    requantize=lowbit.requantize_onnx))
+    requantize=lowbit.requantize_onnx, simulate=_simulate_onnx))
 register(ExportFormat(
     "tflite", tflite_export.FLOAT_FILE, "float32 TFLite (BN folded, NHWC input)",
     family="tflite", integer=False, layout="NHWC", convert=_tflite_float, read_io=tflite_export.io_quantization,
@@ -140,6 +159,6 @@ register(ExportFormat(
     "full-integer int8 TFLite (int8 input and output, TFLITE_BUILTINS_INT8 only, per-channel weights)",
     family="tflite", integer=True, layout="NHWC", convert=_tflite_int8, read_io=tflite_export.io_quantization,
     weight_summary=_tflite_weights, float_counterpart="tflite", bits=("w8a8", "w4a8"), default_runtime="litert",
-    requantize=_tflite_requantize))
+    requantize=_tflite_requantize, simulate=_simulate_tflite, integer_simulator=True))
 
 TARGETS: tuple[str, ...] = tuple(FORMATS)

@@ -61,6 +61,7 @@ def build_manifest(*, target: str, model_file: Path, description: str, spec_name
         "predicted_model": {"file": str(predicted_file), "sha256": sha256_file(predicted_file),
                             "seed": predicted_meta.get("seed"), "bits": predicted_meta.get("bits")},
         "ghn_checkpoint": {"sha256": ghn.get("sha256"), "path": ghn.get("path")},
+        "ancestry": predicted_meta.get("ancestry") or _prediction_ancestry(predicted_meta, predicted_file),
         "calibration": calibration,
         "batchnorm": bn,
         "folding": folding,
@@ -72,6 +73,14 @@ def build_manifest(*, target: str, model_file: Path, description: str, spec_name
         "tools": tool_versions(),
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count()},
     }
+
+
+def _prediction_ancestry(meta: dict, predicted_file: Path) -> dict:
+    """A plain prediction's ancestry: the GHN checkpoint and seed, nothing fine-tuned."""
+    ghn = meta.get("ghn") or {}
+    return {"ghn_checkpoint": {"path": ghn.get("path"), "sha256": ghn.get("sha256")} if ghn else None,
+            "prediction": {"seed": meta.get("seed"), "bits": meta.get("bits"), "file": str(predicted_file)},
+            "finetune": None}
 
 
 def write_manifest(path: str | os.PathLike, manifest: dict) -> None:

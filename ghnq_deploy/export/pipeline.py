@@ -66,12 +66,17 @@ class PreparedModel:
     seconds_fold: float
 
 
+def calibrate_running_bn(model: nn.Module, calibration: np.ndarray) -> nn.Module:
+    """BN running statistics on the uint8 calibration images: the one routine export, evaluate and verify use."""
+    return calibrate_bn(model, calibration, batch_size=BN_BATCH_SIZE)
+
+
 def prepare_model(model: ArchNet, calibration: np.ndarray) -> PreparedModel:
     """Calibrate BN on the uint8 calibration images, fold, and check the fold on a batch."""
     has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     start = time.perf_counter()
     if has_bn:
-        calibrate_bn(model, calibration, batch_size=BN_BATCH_SIZE)
+        calibrate_running_bn(model, calibration)
     seconds_bn = time.perf_counter() - start
     start = time.perf_counter()
     folded, reports = fold_bn(model.eval())
@@ -270,7 +275,19 @@ def export(model_path: str | os.PathLike, target: str, calibration: str | os.Pat
                           f"choose from {', '.join(onnx_export.CALIBRATION_METHODS)}")
     model_path = Path(model_path)
     if model_path.is_dir():
-        model_path = model_path / "model.pt"
+        from ghnq_deploy.workspace import active_model
+
+        model_path = active_model(model_path)  # a run folder: its fine-tuned model once there is one
+    out_dir = (Path(out_dir) if out_dir is not None
+               else model_path.parent / "export" / formats.export_folder_name(target, bits))
+    # before any work: an output that cannot be written fails now, not after the conversion, and
+    # a killed earlier export's partial folder is cleaned even when this one fails later
+    from ghnq_deploy.workspace import check_export_folder, check_output_dir
+
+    check_output_dir(out_dir)
+    check_export_folder(out_dir, target)
+    if out_dir.is_dir():
+        remove_stale_partials(out_dir)
     total_start = time.perf_counter()
     predicted = load_predicted(model_path, param_cap=param_cap)
     spec = predicted.spec
@@ -283,8 +300,6 @@ def export(model_path: str | os.PathLike, target: str, calibration: str | os.Pat
     # the float net the file stands for: W4A8 files carry weights snapped to the 4-bit grid
     source = lowbit.snap_weights(prepared.folded, wbits) if wbits is not None else prepared.folded
     calibration_nchw = normalize(cal.images).numpy()
-    out_dir = (Path(out_dir) if out_dir is not None
-               else model_path.parent / "export" / formats.export_folder_name(target, bits))
     file_name = fmt.file_name
     result: dict = {}
 

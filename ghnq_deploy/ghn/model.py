@@ -40,11 +40,16 @@ class GHNConfig:
     dataset: str = "cifar10"
     bit_conditioning: bool = False
     num_primitives: int = len(PRIMITIVES)  # op types this GHN embeds: graph.PRIMITIVES[:num_primitives]
+    # Normalise each output channel of a predicted weight to zero mean and He scale (scaled weight
+    # standardisation) instead of the whole tensor to He scale: BN-free nets then do not collapse
+    # to their channel means (docs/ghn.md, "BN-free nets"). Off for checkpoints saved without it.
+    weight_standardization: bool = False
 
     @classmethod
     def from_checkpoint(cls, data: dict) -> GHNConfig:
-        """A saved config; one saved before ``num_primitives`` existed embeds the 12 original types."""
-        return cls.from_dict({"num_primitives": LEGACY_NUM_PRIMITIVES, **data})
+        """A saved config; one saved before ``num_primitives`` existed embeds the 12 original types,
+        one saved before ``weight_standardization`` existed normalises whole tensors."""
+        return cls.from_dict({"num_primitives": LEGACY_NUM_PRIMITIVES, "weight_standardization": False, **data})
 
     @classmethod
     def from_dict(cls, data: dict) -> GHNConfig:
@@ -195,11 +200,12 @@ class GHNQ(nn.Module):
 
         # Without autograd, run in inference mode (less overhead per op); the per-tensor copies
         # at the end are made outside it, so callers get ordinary tensors.
-        chunks: list[tuple[str, torch.Tensor, list[int]]] = []  # (kind, values, sizes of its tensors)
+        # (kind, values, sizes of its tensors or the crop class that tiles them)
+        chunks: list[tuple[str, torch.Tensor, list[int] | _CropClass]] = []
         with torch.inference_mode(not torch.is_grad_enabled()):
             h = self.embed(batch, bits)
             if plan.groups:
-                chunks += [("weight", values, sizes) for values, sizes in self._decode_weights(h, plan, index)]
+                chunks += [("weight", values, crop) for values, crop in self._decode_weights(h, plan, index)]
             if len(plan.vector_nodes):
                 rows = self.dec_1d(h[index(plan.vector_nodes)])  # (n, 2 * max_out): a weight row, a bias row
                 flat = rows.reshape(-1)
@@ -213,19 +219,22 @@ class GHNQ(nn.Module):
                     chunks.append(("classifier_bias", cls.reshape(-1), [cls.shape[1]] * len(cls)))
         tensors: dict[str, list[torch.Tensor]] = {}
         for kind, values, sizes in chunks:
-            tensors.setdefault(kind, []).extend(torch.split_with_sizes_copy(values, sizes))
+            if isinstance(sizes, _CropClass):
+                tensors.setdefault(kind, []).extend(sizes.weights(values))
+            else:
+                tensors.setdefault(kind, []).extend(torch.split_with_sizes_copy(values, sizes))
         out: list[dict[str, torch.Tensor]] = [{} for _ in graphs]
         for g, name, kind, i, shape in plan.slots:
             out[g][name] = tensors[kind][i].view(shape)
         return out
 
-    def _decode_weights(self, h: torch.Tensor, plan: _DecodePlan, index) -> list[tuple[torch.Tensor, list[int]]]:
-        """Every >=2-D weight of the plan, in the plan's decoding order: (values, sizes) by crop class.
+    def _decode_weights(self, h: torch.Tensor, plan: _DecodePlan, index) -> list[tuple[torch.Tensor, _CropClass]]:
+        """Every >=2-D weight of the plan, in the plan's decoding order: (blocks, crop class) by class.
 
         The conv decoder gives a (max_out, max_in, kh, kw) block per weight. It is computed one
         crop class at a time (with autograd: one kernel size at a time), only the block rows the
-        class uses, cropped to its (rows, cols) corner, normalised, and tiled channel-wise by one
-        gather where a weight is wider than the block.
+        class uses, cropped to its (rows, cols) corner and normalised; ``_CropClass.weights``
+        then tiles each block channel-wise to its weight's shape (outside inference mode).
         """
         cfg = self.config
         k, mo, mi = cfg.max_kernel, cfg.max_out, cfg.max_in
@@ -264,18 +273,20 @@ class GHNQ(nn.Module):
                 else:
                     y = y.permute(0, 2, 3, 1)
                 y = y.contiguous().view(n, -1)  # a row per weight: its block in (O, I, kh, kw) order
-                # He-scale: w / rms(w) * sqrt(beta / fan_in), rms over the tiled weight; tiling only
-                # repeats block elements, c.repeats times each. Sums of squares in float64: the
-                # gradient through rms is sensitive to their rounding.
-                if c.repeats is None:
-                    square = torch.linalg.vector_norm(y, dim=1, keepdim=True, dtype=acc).square()
+                if cfg.weight_standardization:
+                    y = _standardize(y, i * kh * kw, None if c.repeats is None else index(c.repeats), index(c.scale), acc)
+                    y = y.view(-1)
                 else:
-                    square = (y.square() * index(c.repeats)).sum(1, keepdim=True, dtype=acc)
-                rms = (square / index(c.numel)).add(1e-8).sqrt().to(y.dtype)
-                y = (y / rms * index(c.scale)).view(-1)
-                if c.tile is not None:
-                    y = y[index(c.tile)]
-                out.append((y, c.sizes))
+                    # He-scale: w / rms(w) * sqrt(beta / fan_in), rms over the tiled weight; tiling
+                    # only repeats block elements, c.repeats times each. Sums of squares in float64:
+                    # the gradient through rms is sensitive to their rounding.
+                    if c.repeats is None:
+                        square = torch.linalg.vector_norm(y, dim=1, keepdim=True, dtype=acc).square()
+                    else:
+                        square = (y.square() * index(c.repeats)).sum(1, keepdim=True, dtype=acc)
+                    rms = (square / index(c.numel)).add(1e-8).sqrt().to(y.dtype)
+                    y = (y / rms * index(c.scale)).view(-1)
+                out.append((y, c))
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -284,18 +295,61 @@ class GHNQ(nn.Module):
                 "state_dict": self.state_dict(), "meta": meta}
 
 
+def _standardize(y: torch.Tensor, row: int, repeats: torch.Tensor | None, scale: torch.Tensor,
+                 acc: torch.dtype) -> torch.Tensor:
+    """Scaled weight standardisation of blocks ``y`` (n, O * row): per output channel, zero mean and
+    variance beta / fan_in over the *tiled* weight's fan-in.
+
+    Tiling repeats block elements ``repeats`` times each (None: no tiling); within an output
+    channel the row's repeat factor is common to all its elements, so weighting by ``repeats``
+    gives the tiled channel's mean and variance. Sums in float64, like the RMS path. A weight
+    with a fan-in of one element (a per-channel scale: centring would zero it) is normalised by
+    its whole RMS, as without the option.
+    """
+    n = y.shape[0]
+    if row == 1:
+        if repeats is None:
+            square = y.square().mean(1, keepdim=True, dtype=acc)
+        else:
+            square = (y.square() * repeats).sum(1, keepdim=True, dtype=acc) / repeats.sum(1, keepdim=True, dtype=acc)
+        return y / square.add(1e-8).sqrt().to(y.dtype) * scale
+    rows = y.view(n, -1, row)
+    if repeats is None:
+        mean = rows.mean(2, keepdim=True, dtype=acc)
+        centred = rows - mean.to(y.dtype)
+        var = centred.square().mean(2, keepdim=True, dtype=acc)
+    else:
+        r = repeats.view(n, -1, row)
+        count = r.sum(2, keepdim=True, dtype=acc)
+        mean = (rows * r).sum(2, keepdim=True, dtype=acc) / count
+        centred = rows - mean.to(y.dtype)
+        var = (centred.square() * r).sum(2, keepdim=True, dtype=acc) / count
+    std = var.add(1e-8).sqrt().to(y.dtype)
+    return (centred / std * scale.view(n, 1, 1)).reshape(n, -1)
+
+
 @functools.lru_cache(maxsize=4096)
-def _block_index(shape: tuple[int, ...], rows: int, cols: int) -> np.ndarray:
-    """Flat index, into a (rows, cols, kh, kw) block, of each element of a weight of ``shape``.
+def _repeat_counts(shape: tuple[int, ...], rows: int, cols: int) -> np.ndarray:
+    """How often each element of a (rows, cols, kh, kw) block occurs in a weight of ``shape``.
 
     Channels are tiled (GHN-2): output channel c reads block row c mod rows, input channels
-    likewise; a 2-D weight is a (O, I, 1, 1) one.
+    likewise; a 2-D weight is a (O, I, 1, 1) one. Depends only on shapes, so it is cached.
     """
     spatial = shape[2] * shape[3] if len(shape) == 4 else 1
-    index = ((np.arange(shape[0]) % rows)[:, None, None] * (cols * spatial)
-             + (np.arange(shape[1]) % cols)[None, :, None] * spatial + np.arange(spatial)[None, None, :]).reshape(-1)
-    index.flags.writeable = False
-    return index
+    counts = np.repeat(np.outer(np.bincount(np.arange(shape[0]) % rows, minlength=rows),
+                                np.bincount(np.arange(shape[1]) % cols, minlength=cols)).reshape(-1),
+                       spatial).astype(np.float32)
+    counts.flags.writeable = False
+    return counts
+
+
+def _tile(block: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A (rows, cols, spatial) block tiled channel-wise to ``shape``, in a storage of its own size."""
+    rows, cols = block.shape[0], block.shape[1]
+    tiled = block.repeat(-(-shape[0] // rows), -(-shape[1] // cols), 1)
+    if tiled.shape[0] != shape[0] or tiled.shape[1] != shape[1]:
+        tiled = tiled[:shape[0], :shape[1]].clone(memory_format=torch.contiguous_format)
+    return tiled.view(shape)
 
 
 @dataclass
@@ -303,9 +357,10 @@ class _CropClass:
     """Weights ``start:end`` (decoding order) that use the same (rows, cols) corner of the block.
 
     A class's normalised decoder output has a row per weight: its (rows, cols, kh, kw) block, a
-    classifier's (classes, cols) block after the classifier head. ``tile`` (None when no weight
-    is wider than its block) gathers the weights from it; ``repeats`` then counts how often each
-    block element occurs in its weight. ``numel`` and ``scale`` (sqrt(beta / fan_in)) are (n, 1).
+    classifier's (classes, cols) block after the classifier head. ``tiled`` (None when no weight
+    is wider than its block) says which weights tile their block; ``repeats`` then counts how
+    often each block element occurs in its weight. ``numel`` and ``scale`` (sqrt(beta / fan_in))
+    are (n, 1).
     """
 
     start: int
@@ -317,7 +372,9 @@ class _CropClass:
     sizes: list[int]
     numel: np.ndarray
     scale: np.ndarray
-    tile: np.ndarray | None = None
+    shapes: list[tuple[int, ...]]
+    block_rows: int
+    tiled: list[bool] | None = None
     repeats: np.ndarray | None = None
 
     @classmethod
@@ -334,15 +391,21 @@ class _CropClass:
         # CPU, a copied float (a fresh buffer) costs about as much as 64 multiply-adds.
         copy_corner = len(shapes) * spatial * (max_in - cols) > 64 * cols
         crop = cls(start, start + len(shapes), rows, cols, classifier, copy_corner, sizes,
-                   np.array(sizes, dtype=np.float32)[:, None], np.array(scale, dtype=np.float32)[:, None])
-        if any(shape[0] != block_rows or shape[1] != cols for shape in shapes):
-            block = block_rows * cols * spatial
-            crop.tile = np.concatenate([r * block + _block_index(tuple(shape), block_rows, cols)
-                                        for r, shape in enumerate(shapes)])
-            crop.repeats = np.stack([np.repeat(np.outer(np.bincount(np.arange(shape[0]) % block_rows, minlength=block_rows),
-                                                        np.bincount(np.arange(shape[1]) % cols, minlength=cols)).reshape(-1),
-                                               spatial) for shape in shapes]).astype(np.float32)
+                   np.array(sizes, dtype=np.float32)[:, None], np.array(scale, dtype=np.float32)[:, None],
+                   [tuple(shape) for shape in shapes], block_rows)
+        tiled = [shape[0] != block_rows or shape[1] != cols for shape in shapes]
+        if any(tiled):
+            crop.tiled = tiled
+            crop.repeats = np.stack([_repeat_counts(shape, block_rows, cols) for shape in crop.shapes])
         return crop
+
+    def weights(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """The class's weights, each in a storage of its own, from its normalised blocks ``values``."""
+        if self.tiled is None:
+            return list(torch.split_with_sizes_copy(values, self.sizes))
+        blocks = values.view(self.end - self.start, self.block_rows, self.cols, -1)
+        return [_tile(block, shape) if tiled else block.reshape(shape).clone()
+                for block, shape, tiled in zip(blocks, self.shapes, self.tiled)]
 
 
 @dataclass

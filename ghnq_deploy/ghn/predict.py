@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ghnq_deploy.arch.builder import ArchNet, build_model
-from ghnq_deploy.arch.spec import ArchError, ArchSpec, analyze, parse_spec
+from ghnq_deploy.arch.spec import ArchError, ArchInfo, ArchSpec, analyze, parse_spec
 from ghnq_deploy.ghn.checkpoint import CheckpointError, check_finite, torch_load_file
 from ghnq_deploy.ghn.graph import PRIMITIVES, ArchGraph, build_graph
 from ghnq_deploy.ghn.model import BIT_OPTIONS, GHNQ
@@ -88,10 +88,8 @@ def predict(ghn: GHNQ, specs: list[ArchSpec], bits: str = "fp32", seed: int = 0,
     seconds = time.perf_counter() - start
     conditioned = ghn.config.bit_conditioning
     results = []
-    for spec, graph, p in zip(specs, graphs, params):
-        state = build_model(spec, seed=seed).state_dict()  # buffers (BN running stats at init)
-        for name, value in p.items():
-            state[name] = value.detach().cpu().contiguous()
+    for spec, info, graph, p in zip(specs, infos, graphs, params):
+        state = _state_dict(spec, info, {k: v.detach().cpu().contiguous() for k, v in p.items()}, seed)
         meta = {
             "ghn": {k: v for k, v in (ghn_info or {}).items() if k in ("path", "sha256", "config")},
             "seed": seed, "bits": bits if conditioned else "fp32",
@@ -100,6 +98,38 @@ def predict(ghn: GHNQ, specs: list[ArchSpec], bits: str = "fp32", seed: int = 0,
         }
         results.append(PredictedModel(spec, state, meta))
     return results
+
+
+_PARAMETRIC = {"conv": ("weight", "bias"), "linear": ("weight", "bias"), "bn": ("weight", "bias")}
+
+
+def _state_dict(spec: ArchSpec, info: ArchInfo, predicted: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """The net's state dict, in the module's key order: the predicted tensors plus BatchNorm's
+    running statistics at their init (zeros, ones, 0 batches), as ``build_model(spec, seed=seed)``
+    would hold them.
+
+    Written from the spec, without building the module: its random init of weights that are
+    overwritten anyway was most of ``predict``'s time per net. A net with a parameter the GHN does
+    not predict falls back to the seeded build.
+    """
+    by_id = {n.id: n for n in spec.nodes}
+    state: dict[str, torch.Tensor] = {}
+    for node_id in info.order:
+        node = by_id[node_id]
+        for attr in _PARAMETRIC.get(node.op, ()):
+            name = f"layers.{node_id}.{attr}"
+            if name in predicted:
+                state[name] = predicted[name]
+            elif attr == "weight" or node.op == "bn" or node.attr("bias"):
+                return {**build_model(spec, seed=seed).state_dict(), **predicted}
+        if node.op == "bn":
+            channels = predicted[f"layers.{node_id}.weight"].shape[0]
+            state[f"layers.{node_id}.running_mean"] = torch.zeros(channels)
+            state[f"layers.{node_id}.running_var"] = torch.ones(channels)
+            state[f"layers.{node_id}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+    if len(state) != len(predicted) + 3 * sum(by_id[i].op == "bn" for i in info.order):
+        return {**build_model(spec, seed=seed).state_dict(), **predicted}  # a tensor of no known module
+    return state
 
 
 def save_predicted(path, model: PredictedModel) -> None:

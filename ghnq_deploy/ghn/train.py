@@ -16,7 +16,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghnq_deploy.arch.builder import ArchNet
+from ghnq_deploy.arch.functional import ForwardOptions, run_with_params
 from ghnq_deploy.arch.sampler import SPACE_VERSION, sample_arch
 from ghnq_deploy.data import ImageSet, augment, load_cifar10, normalize
-from ghnq_deploy.ghn.graph import PRIMITIVES, build_graph
+from ghnq_deploy.ghn.graph import PRIMITIVES, ArchGraph, build_graph
 from ghnq_deploy.ghn.model import BIT_OPTIONS, GHNQ, GHNConfig
+from ghnq_deploy.ghn.precision import net_autocast, resolve_precision
+from ghnq_deploy.ghn.prefetch import Prefetcher
 from ghnq_deploy.ghn.checkpoint import (CheckpointError, check_finite, load_ghn_checkpoint, read_checkpoint,
                                         resolve_checkpoint, torch_load_file)
 from ghnq_deploy.io import atomic_torch_save, atomic_write_text
@@ -63,6 +66,10 @@ class TrainConfig:
     ghn: dict = field(default_factory=dict)  # GHNConfig overrides for a fresh GHN
     device: str = "cpu"
     max_minutes: float | None = None  # wall-clock budget: the run is shortened to fit it
+    # the sampled nets' precision: "auto" (bf16 where the hardware has it natively), "bf16" or "fp32".
+    # None: "auto" for a new run; on resume, the precision the run recorded, and "fp32" for runs
+    # from before this option (they ran float32)
+    precision: str | None = None
 
 
 @dataclass
@@ -105,24 +112,39 @@ class MetaBatchSource:
         return specs, x, self.y[idx], bits
 
 
+def meta_net(spec) -> ArchNet:
+    """The net's module tree on the meta device: structure only, no parameter storage."""
+    with torch.device("meta"):
+        return ArchNet(spec, bn_running_stats=False)
+
+
 def net_loss(ghn_params: dict[str, torch.Tensor], spec, x: torch.Tensor, y: torch.Tensor,
              bits: str = "fp32", scheme: str | QuantScheme = "paper",
-             folded: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             folded: list[torch.Tensor] | None = None, precision: str = "fp32",
+             net: ArchNet | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy and correct count of one net running on predicted (non-leaf) parameters.
 
     ``scheme`` names the deployment scheme; the net runs under its QAT form,
     :func:`~ghnq_deploy.quant.scheme.qat_scheme` (``tflite-int8`` trains as
     ``tflite-int8-qat``: activation ranges from this batch instead of a calibration).
     ``folded`` collects a quantized net's float folded weights (for the range penalty).
+    ``precision`` (resolved: "bf16" or "fp32") is that of a float net; quantized nets always
+    run float32 (their fake-quant grids must not be rounded again). ``net``: the spec's
+    :func:`meta_net`, when already built. Float nets run channels-last, quantized ones NCHW.
     """
-    with torch.device("meta"):
-        net = ArchNet(spec, bn_running_stats=False)
+    net = net if net is not None else meta_net(spec)
     if bits == "fp32":
-        logits = torch.func.functional_call(net, ghn_params, (x,))
+        options = ForwardOptions(channels_last=True, fp32_depthwise=x.device.type == "cpu")
+        with net_autocast(precision, x.device.type):
+            logits = run_with_params(net, ghn_params, x, options)
+        logits = logits.float()
     else:
         from ghnq_deploy.quant.simulate import simulated_forward
 
-        logits = simulated_forward(net, ghn_params, x, scheme=qat_scheme(scheme), bits=bits, folded=folded)
+        # NCHW, as the simulator has always run: under 4-bit grids the float rounding of another
+        # conv algorithm flips quantization steps (measured: a w4a8 net's loss 10.19 vs 10.46)
+        logits = simulated_forward(net, ghn_params, x.contiguous(), scheme=qat_scheme(scheme), bits=bits,
+                                   folded=folded)
     return F.cross_entropy(logits, y), (logits.argmax(1) == y).sum()
 
 
@@ -144,6 +166,28 @@ def robust_loss(loss: torch.Tensor, cap: float | None) -> torch.Tensor:
         return loss
     scale = cap / value
     return loss * scale + (value - value * scale)
+
+
+@dataclass
+class StepInputs:
+    """Everything a step needs before the GHN runs, for the nets this process trains."""
+
+    step: int
+    specs: list
+    x: torch.Tensor
+    y: torch.Tensor
+    bits: list[str]
+    mine: list[int]  # indices of this process's nets in the meta-batch
+    graphs: list[ArchGraph]
+    nets: list[ArchNet]
+
+
+def prepare_step(source: MetaBatchSource, step: int, s_max: int, rank: int = 0, world: int = 1) -> StepInputs:
+    """A step's nets, images, graphs and meta-device nets: a pure function of (config, step)."""
+    specs, x, y, bits = source(step)
+    mine = [k for k in range(len(specs)) if k % world == rank]
+    return StepInputs(step, specs, x.contiguous(memory_format=torch.channels_last), y, bits, mine,
+                      [build_graph(specs[k], s_max=s_max) for k in mine], [meta_net(specs[k]) for k in mine])
 
 
 class _Forward(nn.Module):
@@ -180,8 +224,9 @@ def make_ghn(cfg: TrainConfig) -> GHNQ:
             ghn = new
         return ghn
     torch.manual_seed(cfg.seed)
-    # a fresh GHN embeds today's whole op vocabulary (from_dict's default is for old checkpoints)
-    return GHNQ(GHNConfig.from_dict({"num_primitives": len(PRIMITIVES), **cfg.ghn,
+    # a fresh GHN embeds today's whole op vocabulary and standardises its predicted weights per
+    # channel (docs/results/bnfree-ablation); from_dict's defaults are for old checkpoints
+    return GHNQ(GHNConfig.from_dict({"num_primitives": len(PRIMITIVES), "weight_standardization": True, **cfg.ghn,
                                      "bit_conditioning": cfg.bit_conditioning}))
 
 
@@ -197,6 +242,10 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult]
     scheme = qat_scheme(cfg.qat_scheme) if cfg.qat_bits else cfg.qat_scheme
     out = Path(cfg.out_dir)
     resume_state = _resume_state(out / "last.pt", cfg) if resume else None  # refused before any work
+    cfg = replace(cfg, precision=_requested_precision(cfg, resume_state))
+    if resume_state is not None and not cfg.ghn:
+        cfg = replace(cfg, ghn=resume_state["train_config"].get("ghn") or {})
+    precision = resolve_precision(cfg.precision, cfg.device)  # an unknown name is refused here, too
     if cfg.init_from and not resume:
         read_checkpoint(resolve_checkpoint(cfg.init_from))  # likewise a bad --init-from
     images = load_cifar10("train", cfg.data)
@@ -205,7 +254,12 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult]
     source = MetaBatchSource(cfg, images)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * source.steps_per_epoch))
 
-    ghn = make_ghn(cfg).to(cfg.device)
+    saved = (resume_state or {}).get("ghn", {}).get("config")
+    if isinstance(saved, dict):  # a resumed run keeps its own GHN (vocabulary, weight standardisation, ...)
+        torch.manual_seed(cfg.seed)
+        ghn = GHNQ(GHNConfig.from_checkpoint(saved)).to(cfg.device)
+    else:
+        ghn = make_ghn(cfg).to(cfg.device)
     ghn.train()
     model: nn.Module = _Forward(ghn)
     if world > 1:
@@ -232,69 +286,89 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[StepResult]
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(log_path, "")
     if rank == 0:
-        atomic_write_text(out / "train_config.json", json.dumps(asdict(cfg), indent=1))
+        atomic_write_text(out / "train_config.json", json.dumps({**asdict(cfg), "precision_ran": precision}, indent=1))
 
     ema_loss = ema_acc = None
     end = total if stop_after is None else min(total, start + stop_after)
     call_start = time.perf_counter()
     step = start
-    while step < end:
-        if cfg.max_minutes and step == start + _BUDGET_PROBE_STEPS:
-            total, end = _fit_to_budget(cfg, total, end, step, step - start, time.perf_counter() - call_start)
-            scheduler.milestones = Counter([int(cfg.lr_decay_at * total)])
-            if step >= end:
-                break
-        t0 = time.perf_counter()
-        specs, x, y, bits = source(step)
-        x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
-        mine = [k for k in range(cfg.meta_batch) if k % world == rank]
-        graphs = [build_graph(specs[k], s_max=ghn.config.s_max) for k in mine]
-        bit_ids = [BIT_OPTIONS.index(bits[k]) for k in mine]
-        params = model(graphs, bit_ids)
-        loss = x.new_zeros(())
-        correct, penalties = 0, []
-        for k, p in zip(mine, params):
-            folded = [] if cfg.range_penalty and bits[k] != "fp32" else None
-            net_l, net_c = net_loss(p, specs[k], x, y, bits[k], scheme, folded)
-            loss = loss + robust_loss(net_l, cfg.loss_cap) * world / cfg.meta_batch
-            if folded:  # a quantized net with the penalty on (and at least one quantized layer)
-                pen = range_balance_penalty(folded)
-                loss = loss + cfg.range_penalty * pen * world / cfg.meta_batch
-                penalties.append(pen.item())
-            correct = correct + net_c
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(ghn.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        value = loss.item() * cfg.meta_batch / (world * len(mine))  # this process's mean loss (penalty included)
-        acc = int(correct) / (len(mine) * len(y))
-        ema_loss = value if ema_loss is None else 0.98 * ema_loss + 0.02 * value
-        ema_acc = acc if ema_acc is None else 0.98 * ema_acc + 0.02 * acc
-        result = StepResult(step + 1, total, ema_loss, ema_acc, scheduler.get_last_lr()[0], time.perf_counter() - t0)
-        if rank == 0:
-            if (step + 1) % cfg.log_every == 0 or step + 1 == end:
-                extra = {"range_penalty": float(np.mean(penalties))} if penalties else {}
-                with open(log_path, "a") as handle:
-                    handle.write(json.dumps({**asdict(result), "raw_loss": value, "raw_acc": acc, **extra,
-                                             "time": time.time()}) + "\n")
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
-                atomic_torch_save(state_path, {
-                    "ghn": _cpu_checkpoint(ghn), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": step + 1, "train_config": asdict(cfg),
-                })
-        if on_step:
-            on_step(result)
-        step += 1
+    # the next steps' nets, images and graphs are prepared in a thread while this one trains
+    with Prefetcher(lambda s: prepare_step(source, s, ghn.config.s_max, rank, world), start, end) as ahead:
+        while step < end:
+            if cfg.max_minutes and step == start + _BUDGET_PROBE_STEPS:
+                total, end = _fit_to_budget(cfg, total, end, step, step - start, time.perf_counter() - call_start)
+                scheduler.milestones = Counter([int(cfg.lr_decay_at * total)])
+                if step >= end:
+                    break
+            t0 = time.perf_counter()
+            inputs = ahead.get(step)
+            loss, correct, penalties = step_loss(model, inputs, cfg, scheme, precision, world)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(ghn.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            mine, y = inputs.mine, inputs.y
+            value = loss.item() * cfg.meta_batch / (world * len(mine))  # this process's mean loss (penalty included)
+            acc = int(correct) / (len(mine) * len(y))
+            ema_loss = value if ema_loss is None else 0.98 * ema_loss + 0.02 * value
+            ema_acc = acc if ema_acc is None else 0.98 * ema_acc + 0.02 * acc
+            result = StepResult(step + 1, total, ema_loss, ema_acc, scheduler.get_last_lr()[0],
+                                time.perf_counter() - t0)
+            if rank == 0:
+                if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+                    extra = {"range_penalty": float(np.mean(penalties))} if penalties else {}
+                    with open(log_path, "a") as handle:
+                        handle.write(json.dumps({**asdict(result), "raw_loss": value, "raw_acc": acc, **extra,
+                                                 "precision": precision, "time": time.time()}) + "\n")
+                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+                    atomic_torch_save(state_path, {
+                        "ghn": _cpu_checkpoint(ghn), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "step": step + 1, "train_config": asdict(cfg),
+                    })
+            if on_step:
+                on_step(result)
+            step += 1
     final = out / "ghn.pt"
     if rank == 0 and end >= total:
         meta = {"train_config": asdict(cfg), "steps": total, "dataset": "cifar10",
-                "images": images.description, "world_size": world}
+                "images": images.description, "world_size": world, "precision_ran": precision}
         atomic_torch_save(final, ghn.to("cpu").checkpoint(**meta))
     return final
 
 
 _BUDGET_PROBE_STEPS = 20
+
+
+def step_loss(model: nn.Module, inputs: StepInputs, cfg: TrainConfig, scheme: str | QuantScheme, precision: str,
+              world: int = 1) -> tuple[torch.Tensor, torch.Tensor | int, list[float]]:
+    """(loss to back-propagate, correct count, range penalties) of this process's nets of a step."""
+    x = inputs.x.to(cfg.device, non_blocking=True)
+    y = inputs.y.to(cfg.device, non_blocking=True)
+    mine, bits = inputs.mine, inputs.bits
+    params = model(inputs.graphs, [BIT_OPTIONS.index(bits[k]) for k in mine])
+    loss = x.new_zeros(())
+    correct, penalties = 0, []
+    for k, p, net in zip(mine, params, inputs.nets):
+        folded = [] if cfg.range_penalty and bits[k] != "fp32" else None
+        net_l, net_c = net_loss(p, inputs.specs[k], x, y, bits[k], scheme, folded, precision, net)
+        loss = loss + robust_loss(net_l, cfg.loss_cap) * world / cfg.meta_batch
+        if folded:  # a quantized net with the penalty on (and at least one quantized layer)
+            pen = range_balance_penalty(folded)
+            loss = loss + cfg.range_penalty * pen * world / cfg.meta_batch
+            penalties.append(pen.item())
+        correct = correct + net_c
+    return loss, correct, penalties
+
+
+def _requested_precision(cfg: TrainConfig, resume_state: dict | None) -> str:
+    """cfg.precision, or its default: "auto" for a new run, the resumed run's own otherwise
+    (runs from before the option recorded none: they ran, and go on running, float32)."""
+    if cfg.precision is not None:
+        return cfg.precision
+    if resume_state is None:
+        return "auto"
+    return resume_state["train_config"].get("precision") or "fp32"
 
 
 def _fit_to_budget(cfg: TrainConfig, total: int, end: int, step: int, done: int, seconds: float) -> tuple[int, int]:
@@ -326,6 +400,8 @@ def _resume_state(state_path: Path, cfg: TrainConfig) -> dict:
     check_finite(state_path, state["ghn"].get("state_dict") or {}, CheckpointError, "training state")
     before = state["train_config"]
     now = asdict(cfg)
+    if not now.get("ghn"):  # no GHN overrides given: the run keeps its own (train() adopts them)
+        now["ghn"] = before.get("ghn", {})
     changed = [f"{k} {_plain(before.get(k))} -> {_plain(now[k])}" for k in RESUME_MUST_MATCH
                if k in before and _plain(before.get(k)) != _plain(now[k])]
     if changed:

@@ -108,6 +108,18 @@ def round_half_even_f32(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x.to(torch.float32))
 
 
+def _float_exact(acc: torch.Tensor, m: np.ndarray, s: np.ndarray, bound: float | None) -> bool:
+    """Whether the float64 requantization is exact: no positive shift, and every |acc * m| < 2^52
+    (checked on the static ``bound`` first, on the measured peak only when the bound is too loose)."""
+    if (s > 0).any() or (m < 0).any():
+        return False
+    top = float(m.max(initial=0))
+    if bound is not None and bound * top < 2.0 ** 52:
+        return True
+    peak = float(acc.abs().max()) if acc.numel() else 0.0
+    return peak * top < 2.0 ** 52
+
+
 def requantize_float_exact(acc: torch.Tensor, multiplier: np.ndarray, shift: np.ndarray,
                            rounding: str = "double", bound: float | None = None) -> torch.Tensor | None:
     """The same result as :func:`multiply_by_quantized_multiplier` computed in float64 passes.
@@ -120,13 +132,8 @@ def requantize_float_exact(acc: torch.Tensor, multiplier: np.ndarray, shift: np.
     """
     m = np.asarray(multiplier, dtype=np.int64)
     s = np.asarray(shift, dtype=np.int64)
-    if (s > 0).any() or (m < 0).any():
+    if not _float_exact(acc, m, s, bound):
         return None
-    top = float(m.max(initial=0))
-    if bound is None or bound * top >= 2.0 ** 52:
-        peak = float(acc.abs().max()) if acc.numel() else 0.0
-        if peak * top >= 2.0 ** 52:
-            return None
     acc = acc.to(torch.float64)
     if rounding == "single":
         v = acc.mul_(torch.from_numpy(m.astype(np.float64) * np.exp2(-(31.0 - s))))
@@ -137,3 +144,37 @@ def requantize_float_exact(acc: torch.Tensor, multiplier: np.ndarray, shift: np.
         return high
     high.mul_(torch.from_numpy(np.exp2(s.astype(np.float64))))
     return torch.trunc_(high.add_(torch.copysign(torch.tensor(0.5, dtype=torch.float64), high)))
+
+
+def requantize_clamped(acc: torch.Tensor, multiplier: np.ndarray, shift: np.ndarray, rounding: str, bound: float | None,
+                       zero: int, lo: int, hi: int, out_dtype: torch.dtype = torch.int32,
+                       work: torch.Tensor | None = None, work2: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``clamp(MultiplyByQuantizedMultiplier(acc) + zero, lo, hi)`` in in-place float64 passes.
+
+    Same exactness conditions as :func:`requantize_float_exact` (else None). ``acc`` holds exact
+    integers (float32 or float64) and is not modified. ``work`` / ``work2`` are optional float64
+    buffers of ``acc``'s shape, reused across calls: fresh large tensors cost more in page faults
+    than the arithmetic itself. Each rounding is a floor of an exactly representable value; the
+    zero point (an integer) moves inside the last floor; with a clamp whose lower end is at or
+    above the zero point (fused ReLU / ReLU6) every negative value clamps to it, so the second
+    rounding's half-away rule may be computed as half up there.
+    """
+    m = np.asarray(multiplier, dtype=np.int64)
+    s = np.asarray(shift, dtype=np.int64)
+    if not _float_exact(acc, m, s, bound):
+        return None
+    v = work if work is not None else torch.empty(acc.shape, dtype=torch.float64)
+    v.copy_(acc)
+    if rounding == "single":
+        v.mul_(torch.from_numpy(m.astype(np.float64) * np.exp2(-(31.0 - s)))).add_(0.5 + zero).floor_()
+        return v.clamp_(lo, hi).to(out_dtype)
+    v.mul_(torch.from_numpy(m.astype(np.float64) * 2.0 ** -31))
+    if not s.any():
+        return v.add_(0.5 + zero).floor_().clamp_(lo, hi).to(out_dtype)
+    v.add_(0.5).floor_()  # SaturatingRoundingDoublingHighMul: half up
+    pot = torch.from_numpy(np.exp2(s.astype(np.float64)))
+    if lo >= zero:  # negatives clamp to lo: half up == half away from zero
+        return v.mul_(pot).add_(0.5 + zero).floor_().clamp_(lo, hi).to(out_dtype)
+    sign = torch.sign(v, out=work2) if work2 is not None else torch.sign(v)
+    # RoundingDivideByPOT: trunc(h / 2^e + sign(h) / 2), exact for integer h (also for shift 0)
+    return v.mul_(pot).add_(sign, alpha=0.5).trunc_().add_(zero).clamp_(lo, hi).to(out_dtype)

@@ -35,6 +35,7 @@ from torch import nn
 
 from ghnq_deploy.arch.builder import set_bn_mode
 from ghnq_deploy.arch.spec import ArchSpec, analyze
+from ghnq_deploy.calibration import ImageSetFile, load_calibration
 from ghnq_deploy.data import load_cifar10, normalize
 from ghnq_deploy.errors import UserError
 from ghnq_deploy.ghn.model import BIT_OPTIONS, GHNQ
@@ -61,8 +62,8 @@ class EvalConfig:
     order_seed: int = 0  # seed of the fixed test-order permutation
     predict_seed: int = 0
     meta_batch: int = 8
-    calibration_images: int = 512  # CIFAR-10 train images, only for calibrated ranges / running BN
-    calibration_seed: int = 0
+    # the calibration set (.npz) for calibrated ranges / running BN; None: the shipped one, as export
+    calibration: str | None = None
     data: str | None = None
 
     def validate(self) -> None:
@@ -78,8 +79,7 @@ class EvalConfig:
         get_scheme(self.scheme)
         if self.bn not in BN_MODES:
             raise EvalError(f"unknown BatchNorm mode {self.bn!r}; choose from {', '.join(BN_MODES)}")
-        for label, value in (("batch size", self.batch_size), ("meta-batch", self.meta_batch),
-                             ("calibration images", self.calibration_images)):
+        for label, value in (("batch size", self.batch_size), ("meta-batch", self.meta_batch)):
             if value < 1:
                 raise EvalError(f"{label} must be at least 1, got {value}")
         if self.limit_images is not None and self.limit_images < 1:
@@ -237,11 +237,23 @@ def load_test_images(cfg: EvalConfig) -> EvalImages:
     return EvalImages(normalize(data.images[order]), torch.from_numpy(data.labels[order]), data.description, how)
 
 
-def load_calibration_images(cfg: EvalConfig) -> torch.Tensor:
-    """``calibration_images`` CIFAR-10 *train* images in a seeded order (never test images)."""
-    data = load_cifar10("train", cfg.data)
-    idx = np.random.default_rng(cfg.calibration_seed).permutation(len(data))[:cfg.calibration_images]
-    return normalize(data.images[idx])
+def load_calibration_images(cfg: EvalConfig, input_shape, num_classes: int) -> ImageSetFile:
+    """The export's calibration set (train images only, never test images): one path for both.
+
+    ``evaluate --bn running`` and calibrated ranges then see exactly the BN statistics and ranges
+    that ``export`` folds and ``verify`` checks (same file, same :func:`prepare_bn` routine)."""
+    from ghnq_deploy.export.pipeline import MIN_CALIBRATION_IMAGES
+
+    return load_calibration(cfg.calibration, image_shape=input_shape, min_count=MIN_CALIBRATION_IMAGES,
+                            num_classes=num_classes)
+
+
+def prepare_bn(model: nn.Module, calibration: ImageSetFile) -> nn.Module:
+    """Running BN statistics on the calibration set, exactly as ``export.pipeline.prepare_model`` computes them."""
+    from ghnq_deploy.export.pipeline import calibrate_running_bn
+
+    calibrate_running_bn(model, calibration.images)
+    return set_bn_mode(model, "running") if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) else model
 
 
 def _batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -265,23 +277,6 @@ def weight_stats(model: PredictedModel) -> list[LayerStats]:
         out.append(LayerStats(node.id, node.op, list(w.shape), float(w.min()), float(w.max()),
                               float(w.abs().max()), float(w.std()) if w.numel() > 1 else 0.0, spread))
     return out
-
-
-def calibrate_running_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
-    """Running statistics = cumulative average of the batch statistics over ``batches``."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in bns:
-        if m.running_mean is None:
-            raise EvalError("BatchNorm has no running-statistics buffers to calibrate")
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
-        m.track_running_stats = True
-        m.train()
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-    model.eval()
-    return set_bn_mode(model, "running") if bns else model
 
 
 class _Tally:
@@ -309,7 +304,7 @@ class _Tally:
 
 def evaluate_net(float_model: PredictedModel, images: EvalImages, cfg: EvalConfig, split: str,
                  quant_models: dict[str, PredictedModel] | None = None,
-                 calibration: torch.Tensor | None = None) -> NetResult:
+                 calibration: ImageSetFile | None = None) -> NetResult:
     """Float and every quantized bit-width of one net, on the same batches.
 
     ``quant_models`` holds per-bit-width predictions of a bit-conditioned GHN; otherwise
@@ -317,12 +312,12 @@ def evaluate_net(float_model: PredictedModel, images: EvalImages, cfg: EvalConfi
     """
     start = time.perf_counter()
     scheme = get_scheme(cfg.scheme)
-    calib_batches = _batches(calibration, cfg.batch_size) if calibration is not None else []
+    calib_batches = _batches(normalize(calibration.images), cfg.batch_size) if calibration is not None else []
 
     def build(pm: PredictedModel) -> nn.Module:
         model = pm.build(bn_mode="batch")
         if cfg.bn == "running":
-            calibrate_running_bn(model, calib_batches)
+            prepare_bn(model, calibration)
         return model
 
     ref = build(float_model)
@@ -374,7 +369,8 @@ def evaluate(ghn: GHNQ, ghn_info: dict, nets: list[NetInput], cfg: EvalConfig,
         raise EvalError("no networks to evaluate")
     start = time.perf_counter()
     images = images or load_test_images(cfg)
-    calibration = load_calibration_images(cfg) if cfg.needs_calibration else None
+    first = nets[0].spec
+    calibration = load_calibration_images(cfg, first.input_shape, first.num_classes) if cfg.needs_calibration else None
     conditioned = bool(getattr(ghn.config, "bit_conditioning", False))
     if conditioned and (odd := [b for b in cfg.bits if b not in BIT_OPTIONS]):
         raise EvalError(f"this GHN is bit-conditioned and predicts only {', '.join(BIT_OPTIONS)}; not {', '.join(odd)}")
@@ -384,8 +380,9 @@ def evaluate(ghn: GHNQ, ghn_info: dict, nets: list[NetInput], cfg: EvalConfig,
                     "steps": (ghn_info.get("meta") or {}).get("steps"), "bit_conditioning": conditioned},
         data={"test": images.description, "images": len(images.y), "order": images.order,
               "batch_size": cfg.batch_size, "bn": cfg.bn,
-              "calibration": (f"CIFAR-10 train, {cfg.calibration_images} images, seed {cfg.calibration_seed}"
-                              if calibration is not None else None)},
+              "calibration": None if calibration is None else {
+                  "description": calibration.description, "images": len(calibration.images),
+                  "sha256": calibration.sha256}},
         environment=environment(),
     )
     for lo in range(0, len(nets), cfg.meta_batch):

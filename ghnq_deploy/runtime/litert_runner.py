@@ -21,8 +21,11 @@ from ghnq_deploy.runtime import batches, prepare, quiet_native_output, top1
 RESOLVERS = {"xnnpack": "AUTO", "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "reference": "BUILTIN_REF"}
 
 
-def make_interpreter(model_file: str | os.PathLike | bytes, resolver: str = "xnnpack", num_threads: int | None = None):
-    """A LiteRT interpreter with tensors allocated; ``model_file`` may also be the flatbuffer bytes."""
+def make_interpreter(model_file: str | os.PathLike | bytes, resolver: str = "xnnpack", num_threads: int | None = None,
+                     preserve_all_tensors: bool = False):
+    """A LiteRT interpreter with tensors allocated; ``model_file`` may also be the flatbuffer bytes.
+
+    ``preserve_all_tensors`` keeps every intermediate readable after ``invoke`` (layer-wise comparison)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     if resolver not in RESOLVERS:
@@ -32,7 +35,8 @@ def make_interpreter(model_file: str | os.PathLike | bytes, resolver: str = "xnn
     try:
         with quiet_native_output():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
             interpreter = Interpreter(**source, num_threads=num_threads,
-                                      experimental_op_resolver_type=getattr(OpResolverType, RESOLVERS[resolver]))
+                                      experimental_op_resolver_type=getattr(OpResolverType, RESOLVERS[resolver]),
+                                      experimental_preserve_all_tensors=preserve_all_tensors)
             interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         raise UserError(f"{name}: LiteRT cannot load it ({str(exc).strip().splitlines()[0][:200]})") from None

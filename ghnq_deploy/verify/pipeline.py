@@ -29,6 +29,7 @@ from ghnq_deploy.export.manifest import MANIFEST_NAME, read_manifest, sha256_fil
 from ghnq_deploy.quant.scheme import parse_bits
 from ghnq_deploy.runtime.registry import get_runtime
 from ghnq_deploy.verify import compare as cmp
+from ghnq_deploy.verify import gap as gp
 from ghnq_deploy.verify.connection import (Connection, DeviceError, EmulatorConnection, LocalConnection, RunRequest,
                                            SSHConnection)
 from ghnq_deploy.verify.scheme_check import check_file
@@ -57,7 +58,11 @@ class VerifyConfig:
     ssh_config: str | None = None
     timing_runs: int | None = None
     export_missing: bool = True
-    integer_sim: bool = False  # also run the integer simulator (TFLite files; slower than the runtime)
+    integer_sim: bool = True  # run the integer simulator on TFLite files (the gap chain's integer stage)
+    rounding: str | None = None  # integer simulator rounding; None: the target's scheme.rounding
+    localise: bool = False  # layer-wise comparison on a few samples (also when a gap exceeds max_gap)
+    max_gap: float | None = None
+    localise_samples: int = 8
 
 
 @dataclass
@@ -175,6 +180,7 @@ class Stages:
         self.float_logits = _forward(self.prepared.folded, self.x)
         self.seconds = {"float": time.perf_counter() - start}
         self._paper: dict[str, np.ndarray] = {}
+        self._paper_running: dict[str, np.ndarray] = {}
         self._target: dict[tuple[str, str], np.ndarray] = {}
         self._file_sims: dict[tuple[str, str, str], np.ndarray] = {}
 
@@ -193,23 +199,41 @@ class Stages:
             raise VerifyError(f"the export used calibration set {want[:12]}, this verify {self.calibration.sha256[:12]}"
                               f": re-run `ghnq-deploy export --target {manifest['target']}`")
 
+    def _paper_protocol(self, sim) -> np.ndarray:
+        from ghnq_deploy.report.evaluate import eval_order
+
+        order = eval_order(len(self.x))  # class-mixed batches, as the paper protocol needs
+        out = np.empty((len(self.x), self.float_logits.shape[1]), np.float32)
+        with torch.no_grad():
+            for i in range(0, len(order), SIM_BATCH):
+                idx = order[i:i + SIM_BATCH]
+                out[idx] = sim(self.x[idx]).numpy()
+        return out
+
     def paper_sim(self, bits: str) -> np.ndarray:
         """The paper's fake-quant simulation (tensorwise asymmetric, batch-statistics BN), as ``evaluate``."""
         if bits not in self._paper:
             from ghnq_deploy.quant.simulate import QuantSim
-            from ghnq_deploy.report.evaluate import eval_order
 
             start = time.perf_counter()
             sim = QuantSim(self.predicted.build(bn_mode="batch"), "paper", bits, bn="batch")
-            order = eval_order(len(self.x))  # class-mixed batches, as the paper protocol needs
-            out = np.empty((len(self.x), self.float_logits.shape[1]), np.float32)
-            with torch.no_grad():
-                for i in range(0, len(order), SIM_BATCH):
-                    idx = order[i:i + SIM_BATCH]
-                    out[idx] = sim(self.x[idx]).numpy()
-            self._paper[bits] = out
+            self._paper[bits] = self._paper_protocol(sim)
             self.seconds[f"paper_sim_{bits}"] = time.perf_counter() - start
         return self._paper[bits]
+
+    def paper_running_sim(self, bits: str) -> np.ndarray:
+        """The paper's scheme with the export's BN (running statistics calibrated on its calibration set):
+        the gap chain's link that isolates BN statistics from the scheme."""
+        if bits not in self._paper_running:
+            from ghnq_deploy.arch.builder import set_bn_mode
+            from ghnq_deploy.quant.simulate import QuantSim
+
+            start = time.perf_counter()
+            model = self.prepared.calibrated.eval()
+            model = set_bn_mode(model, "running") if self.prepared.has_bn else model
+            self._paper_running[bits] = self._paper_protocol(QuantSim(model, "paper", bits, bn="running"))
+            self.seconds[f"paper_running_sim_{bits}"] = time.perf_counter() - start
+        return self._paper_running[bits]
 
     def target_sim(self, bits: str, scheme: str) -> np.ndarray:
         """The target-scheme fake-quant simulation: running-statistics BN folded, ranges calibrated on the
@@ -277,20 +301,27 @@ def verify_target(stages: Stages, target: Target, cfg: VerifyConfig, model_path:
             inputs = host_inputs(fmt, manifest, stages.x.numpy())
             int_sim = None
             sim_raw, sim = None, None
-            if fmt.family == "tflite":  # simulate the file itself: its graph, scales and zero points
-                from ghnq_deploy.quant import tflite_sim
-
+            if fmt.simulate is not None:  # simulate the file itself: its graph, scales and zero points
                 sha = manifest["file"]["sha256"]
                 try:
-                    sim_raw = stages.file_sim(sha, "fake-quant", "double",
-                                              lambda: tflite_sim.simulate(model_file, inputs, "fake-quant"))
-                    if cfg.integer_sim:
-                        mode = ROUNDING[target.scheme.rounding]
-                        int_sim = stages.file_sim(sha, "integer", mode, lambda: tflite_sim.simulate(
-                            model_file, inputs, "integer", rounding=mode))
+                    sim_raw = stages.file_sim(sha, "fake-quant", "double", lambda: fmt.simulate(model_file, inputs))
                     row["target_sim_encodings"] = "read from the exported file (fake-quant execution of its graph)"
                 except UserError as exc:  # an op the file simulator does not know yet: say so, use torch's
                     notes.append(f"{model_file.name}: file simulator unavailable ({exc}); target sim from torch")
+                    sim_raw = None
+                mode = cfg.rounding or ROUNDING[target.scheme.rounding]
+                if cfg.integer_sim and sim_raw is not None and fmt.integer_simulator:
+                    from ghnq_deploy.quant import tflite_sim
+
+                    try:
+                        int_sim = stages.file_sim(sha, "integer", mode, lambda: tflite_sim.simulate(
+                            model_file, inputs, "integer", rounding=mode))
+                    except UserError as exc:
+                        notes.append(f"{model_file.name}: no integer simulation ({exc}); the gap chain merges "
+                                     f"integer arithmetic into kernel / platform")
+            if cfg.integer_sim and not fmt.integer_simulator:
+                notes.append(f"{fmt_name}: the integer simulator reads TFLite files only; the gap chain merges "
+                             f"integer arithmetic into kernel / platform")
             if sim_raw is None:
                 sim = stages.target_sim(bits, "tflite-int8")
                 row["target_sim_encodings"] = ("calibrated by the torch simulator on the export's calibration set "
@@ -304,7 +335,12 @@ def verify_target(stages: Stages, target: Target, cfg: VerifyConfig, model_path:
                 rows.append(row)
                 return rows, exc
             real, scale, zero = _real_steps(fmt, manifest, result.raw)
-            sim_steps = sim_raw.astype(np.float64) if sim_raw is not None else cmp.to_steps(sim, scale, zero, True)
+            if sim_raw is None:
+                sim_steps = cmp.to_steps(sim, scale, zero, True)
+            elif manifest["io"]["output"]["dtype"] == "float32":  # QDQ file: float values on the output grid
+                sim_steps = cmp.to_steps(sim_raw, scale, zero, True)
+            else:
+                sim_steps = sim_raw.astype(np.float64)
             float_steps = cmp.to_steps(stages.float_logits, scale, zero, quantize=False)
             sim_vs_real = cmp.compare(sim_steps, real, labels)
             float_vs_real = cmp.compare(float_steps, real, labels)
@@ -313,7 +349,7 @@ def verify_target(stages: Stages, target: Target, cfg: VerifyConfig, model_path:
                 "delta_top1_pt": sim_vs_real.delta_top1_pt, "sim_vs_real": sim_vs_real.to_dict(),
                 "float_vs_real": float_vs_real.to_dict(),
                 "integer_sim": None if int_sim is None else {
-                    "rounding": target.scheme.rounding,
+                    "rounding": mode,
                     "vs_real": cmp.compare(int_sim.astype(np.float64), real, labels).to_dict(),
                     "vs_target_sim": cmp.compare(sim_steps, int_sim.astype(np.float64), labels).to_dict()},
                 "latency": cmp.latency_summary(result.latency_ms),
@@ -324,6 +360,14 @@ def verify_target(stages: Stages, target: Target, cfg: VerifyConfig, model_path:
                 "device": result.meta,
                 "output_grid": {"scale": scale, "zero_point": zero},
             })
+            if w is not None:
+                chain = {"float": stages.float_logits, "paper": stages.paper_sim(bits),
+                         "paper_running": stages.paper_running_sim(bits), "target": sim_steps, "integer": int_sim,
+                         "runtime": real}
+                row["gap"] = gp.decompose(chain, labels).to_dict()
+            if _wants_localise(cfg, row):
+                row["localise"] = _localise_row(stages, target, cfg, model_path, notes, fmt, model_file, inputs,
+                                                cfg.rounding or ROUNDING[target.scheme.rounding])
             if target.float_reference:
                 row["float_file"] = _float_row(stages, target, connection, runtime, model_path, cfg, notes)
                 if row["float_file"].get("latency", {}).get("p50_ms") and row["latency"]["p50_ms"]:
@@ -331,6 +375,34 @@ def verify_target(stages: Stages, target: Target, cfg: VerifyConfig, model_path:
                 row["size_ratio"] = row["float_file"]["bytes"] / row["file"]["bytes"]
             rows.append(row)
     return rows, None
+
+
+def _wants_localise(cfg: VerifyConfig, row: dict) -> bool:
+    if cfg.localise:
+        return True
+    if cfg.max_gap is None:
+        return False
+    total = (row.get("gap") or {}).get("total_pt")
+    return any(v is not None and abs(v) > cfg.max_gap for v in (total, row.get("delta_top1_pt")))
+
+
+def _localise_row(stages: Stages, target: Target, cfg: VerifyConfig, model_path: Path, notes: list[str],
+                  fmt: formats.ExportFormat, model_file: Path, inputs: np.ndarray, rounding: str) -> dict | None:
+    """Layer-wise comparison of the first few images: the int8 file on the target's kernels (this host),
+    the integer simulator, and the float TFLite export of the same model."""
+    from ghnq_deploy.verify.localise import localise
+
+    if fmt.family != "tflite":
+        notes.append(f"--localise: {fmt.name} is not a TFLite file; layer-wise comparison covers TFLite files only")
+        return None
+    float_file, _ = ensure_export(model_path, "tflite", "fp32", cfg.export_missing, notes)
+    n = min(cfg.localise_samples, len(inputs))
+    x = np.ascontiguousarray(stages.x[:n].numpy().transpose(0, 2, 3, 1))
+    start = time.perf_counter()
+    result = localise(model_file, float_file, x, inputs[:n], kernels=target.kernels, rounding=rounding).to_dict()
+    stages.seconds[f"localise_{target.name}"] = time.perf_counter() - start
+    result["where"] = "this host (the target's kernel set in LiteRT, every tensor preserved)"
+    return result
 
 
 def _float_row(stages: Stages, target: Target, connection: Connection, runtime, model_path: Path,
@@ -353,6 +425,8 @@ def verify(model_path: Path, targets: list[Target], cfg: VerifyConfig) -> tuple[
         w, a = parse_bits(bits)
         if w is None:
             raise VerifyError(f"--bits {bits}: verify compares integer runs; fp32 is the float stage of every row")
+    if cfg.rounding is not None and cfg.rounding not in ROUNDING.values():
+        raise VerifyError(f"--rounding {cfg.rounding!r}: choose from {', '.join(ROUNDING.values())}")
     start = time.perf_counter()
     from ghnq_deploy.ghn.predict import load_predicted
 
@@ -377,6 +451,7 @@ def verify(model_path: Path, targets: list[Target], cfg: VerifyConfig) -> tuple[
         "images": {"description": images.description, "count": int(len(images.labels)), "sha256": images.sha256},
         "calibration": {"description": stages.calibration.description, "sha256": stages.calibration.sha256},
         "stages": ["float (torch, BN calibrated and folded)", "paper fake-quant (batch-statistics BN)",
+                   "paper fake-quant (running-statistics BN: the gap chain's BN link)",
                    "target-scheme fake-quant (TFLite: the file's own encodings)", "integer simulator (TFLite files)",
                    "real fixed-point run"],
         "rows": rows, "notes": notes,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ghnq_deploy.io import atomic_write, atomic_write_text
 from ghnq_deploy.verify.compare import HIST_BINS
+from ghnq_deploy.verify.gap import plot_waterfall
 
 STAGES = (("float_top1", "float"), ("paper_sim_top1", "paper sim"), ("target_sim_top1", "target sim"),
           ("real_top1", "real"))
@@ -60,4 +61,13 @@ def plot(report: dict, folder: Path) -> Path:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)
+    return path
+
+
+def plot_gap(report: dict, folder: Path) -> Path | None:
+    """``gap.png``: the waterfall of every row with a gap chain (None when no row has one)."""
+    if not any(r.get("gap") for r in report["rows"]):
+        return None
+    path = folder / "gap.png"
+    plot_waterfall(report["rows"], path)
     return path

@@ -1,0 +1,1 @@
+"""``finetune``: quantization-aware training of one net, starting from its GHN-Q prediction."""
