@@ -59,6 +59,24 @@ def test_reference_and_xnnpack_really_are_different_kernel_paths():
     assert diff.any(), "XNNPACK and reference kernels gave identical outputs: kernel choice ignored?"
 
 
+def test_tflite_micro_runs_the_int8_file_as_the_integer_simulator_predicts(private_tmp):
+    # TFLite Micro (batch-1 tensors) loops over the images itself; its outputs are bit-exact
+    # with the simulator's tflm kernel set, and its identity is in the provenance
+    pytest.importorskip("tflite_micro")
+    from ghnq_deploy.quant import tflite_sim
+
+    x = tflite_inputs(TINY_INT8, 20)
+    result = LocalConnection().run(request(TINY_INT8, x, runtime="tflite-micro", kernels="reference"))
+    assert result.raw.dtype == np.int8 and result.raw.shape == (20, 10)
+    np.testing.assert_array_equal(result.raw, tflite_sim.simulate(TINY_INT8, x, "integer", kernels="tflm"))
+    meta = result.meta
+    assert meta["runtime"] == "tflite-micro" and meta["kernels"] == "reference"
+    assert meta["quantization"]["output"]["dtype"] == "int8" and meta["quantization"]["output"]["scale"] > 0
+    assert list(private_tmp.iterdir()) == []
+    with pytest.raises(DeviceError, match="tflite-micro has only its reference kernels"):
+        LocalConnection().run(request(TINY_INT8, x, runtime="tflite-micro", kernels="xnnpack"))
+
+
 def test_float_tflite_and_onnx_files():
     x = tflite_inputs(TINY_FLOAT, 20)
     result = LocalConnection().run(request(TINY_FLOAT, x))
@@ -108,6 +126,9 @@ def test_no_interpreter_on_the_device_exits_3_naming_the_package(tmp_path, monke
         LocalConnection().run(request(TINY_INT8, x))
     with pytest.raises(DeviceError, match="tflite-runtime is not installed on this device"):
         LocalConnection().run(request(TINY_INT8, x, runtime="tflite-runtime"))
+    _blocked_packages(tmp_path / "shadow", ["tflite_micro"])
+    with pytest.raises(DeviceError, match="tflite-micro is not installed on this device: .pip install tflite-micro"):
+        LocalConnection().run(request(TINY_INT8, x, runtime="tflite-micro", kernels="reference"))
     with pytest.raises(DeviceError, match="pip install onnxruntime"):
         LocalConnection().run(request(TINY_ONNX, normalized_images(4)))
     assert list(private_tmp.iterdir()) == []
@@ -176,7 +197,7 @@ def test_runner_is_self_contained_and_old_python_safe():
         elif isinstance(node, ast.ImportFrom):
             imported.add((node.module or "").split(".")[0])
         assert not isinstance(node, ast.Match), "match needs Python 3.10; devices may run 3.9"
-    allowed = set(sys.stdlib_module_names) | {"numpy", "ai_edge_litert", "tflite_runtime", "onnxruntime"}
+    allowed = set(sys.stdlib_module_names) | {"numpy", "ai_edge_litert", "tflite_runtime", "tflite_micro", "onnxruntime"}
     assert imported <= allowed, imported - allowed
     assert device_runner.ERROR_PREFIX == connection.ERROR_PREFIX
     assert device_runner.EXIT_BAD_INPUT == connection.EXIT_BAD_INPUT

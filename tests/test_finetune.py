@@ -11,6 +11,7 @@ from ghnq_deploy.arch.spec import parse_spec
 from ghnq_deploy.data import ImageSet
 from ghnq_deploy.finetune.init import InitError, make_start, tiled_filters
 from ghnq_deploy.errors import UserError
+from ghnq_deploy.ghn.precision import resolve_precision
 from ghnq_deploy.finetune.loop import FinetuneConfig, check_config, finetune, read_log
 from ghnq_deploy.finetune.schedule import OneCycle
 from ghnq_deploy.finetune.split import stratified_split
@@ -62,6 +63,45 @@ def test_a_minutes_budget_fits_the_schedule_to_the_time(predicted, tmp_path):
     assert totals[-1] == result.total and totals == sorted(totals, reverse=True)  # refits only shorten the run
     probe_lrs = {r["lr"] for r in log if r["event"] == "train" and r["step"] <= 10}
     assert probe_lrs == {cfg.lr / 25}  # the timed probe runs at the cycle's initial rate
+
+
+def test_a_float_phase_comes_first_then_qat_then_the_frozen_deployed_form(predicted, tmp_path):
+    cfg = FinetuneConfig(model=str(predicted), out_dir=str(tmp_path / "ft"), steps=40, batch_size=32,
+                         train_images=1000, val_count=100, val_every=40, log_every=1, float_fraction=0.5)
+    result = finetune(cfg)
+    log = read_log(result.log_file)
+    phases = [r["phase"] for r in log if r["event"] == "train"]
+    assert phases == ["float"] * 20 + ["qat"] * 16 + ["frozen"] * 4
+    assert [r["step"] for r in log if r["event"] == "qat"] == [20]
+    assert {r["precision"] for r in log if r.get("phase") == "float"} == {resolve_precision("auto")}
+    info = load_predicted(result.model_file).meta["ancestry"]["finetune"]
+    assert info["float_steps"] == 20 and info["float_precision"] == resolve_precision("auto")
+
+
+def test_a_resumed_float_phase_continues_exactly(predicted, tmp_path):
+    def cfg(out):
+        return FinetuneConfig(model=str(predicted), out_dir=str(tmp_path / out), steps=16, batch_size=32,
+                              train_images=1000, val_count=100, val_every=8, log_every=1, checkpoint_every=3,
+                              float_fraction=0.5, precision="fp32")
+    whole = finetune(cfg("whole"))
+    stopped = finetune(cfg("split"), stop_after=6)  # inside the float phase (steps 0-7)
+    assert stopped.model_file is None and stopped.steps == 6
+    resumed = finetune(cfg("split"), resume=True)
+    a, b = (load_predicted(r.model_file).state_dict for r in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in read_log(whole.log_file) if r["event"] == "train"] == \
+        [r["loss"] for r in read_log(resumed.log_file) if r["event"] == "train"]
+
+
+def test_a_minutes_budget_times_both_kinds_of_step_in_its_probe(predicted, tmp_path):
+    cfg = FinetuneConfig(model=str(predicted), out_dir=str(tmp_path / "ft"), minutes=0.3, batch_size=32,
+                         train_images=1000, val_count=100, val_every=20, log_every=1, float_fraction=0.6)
+    result = finetune(cfg)
+    train = [r for r in read_log(result.log_file) if r["event"] == "train"]
+    assert [r["phase"] for r in train[:10]] == ["float", "qat"] * 5  # the probe alternates
+    later = [r["phase"] for r in train[10:]]
+    assert later and later == sorted(later, key=["float", "qat", "frozen"].index)  # then the phases in order
+    assert "float" in later and "qat" in later
 
 
 def test_random_init_differs_from_the_prediction_and_is_seeded(predicted):
@@ -122,6 +162,10 @@ def test_stratified_split_holds_out_every_class_and_never_overlaps():
     ({"noise": float("nan")}, "--noise is a fraction"),
     ({"grad_clip": 0.0}, "--grad-clip must be a finite number above 0"),
     ({"init": "xavier"}, "unknown --init 'xavier'"),
+    ({"float_fraction": 1.0}, "--float-fraction is a fraction"),
+    ({"float_fraction": float("nan")}, "--float-fraction is a fraction"),
+    ({"float_fraction": 0.9, "freeze_bn": 0.1}, "leave no steps for quantization-aware training"),
+    ({"precision": "fp16"}, "unknown --precision 'fp16'"),
 ])
 def test_bad_configs_are_one_line(change, message):
     cfg = FinetuneConfig(model="m.pt", out_dir="o", **change)

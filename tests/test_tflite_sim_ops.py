@@ -1,7 +1,8 @@
-"""Per-op bit-exactness of the integer simulator against BUILTIN_REF on single-op files.
+"""Per-op bit-exactness of the integer simulator against BUILTIN_REF and TFLite Micro on single-op files.
 
 Each file is written with chosen encodings (scales 1e-6 .. 1e2, zero points at both ends);
-inputs cover every int8 code (ties, negatives, saturation at -128 and 127).
+inputs cover every int8 code (ties, negatives, saturation at -128 and 127). Every case runs
+against both reference kernel sets, each with the simulator's matching ``kernels``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ from ai_edge_litert import schema_py_generated as schema
 from ghnq_deploy.quant import tflite_sim
 from ghnq_deploy.quant import unary_int8 as unary
 
-from tflite_op_files import T, run_reference, single_op_file
+from tflite_op_files import T, run_reference, run_tflm, single_op_file
+
+try:
+    import tflite_micro  # noqa: F401
+
+    ORACLES = {"litert-ref": run_reference, "tflm": run_tflm}
+except ImportError:  # the TFLite Micro wheel is a dependency; without it only BUILTIN_REF is checked
+    ORACLES = {"litert-ref": run_reference}
 
 ALL_CODES = np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1)
 
@@ -25,12 +33,13 @@ def _random_codes(shape, seed: int) -> np.ndarray:
 
 
 def _assert_exact(model: bytes, x: np.ndarray) -> None:
-    ref = run_reference(model, x).astype(np.int64)
-    out = tflite_sim.simulate(model, x, arithmetic="integer").astype(np.int64)
-    assert out.shape == ref.shape
-    bad = np.flatnonzero(out != ref)
-    assert not bad.size, f"{bad.size} of {out.size} differ; first at {bad[0]}: sim {out.flat[bad[0]]} ref " \
-                         f"{ref.flat[bad[0]]}"
+    for kernels, oracle in ORACLES.items():
+        ref = oracle(model, x).astype(np.int64)
+        out = tflite_sim.simulate(model, x, arithmetic="integer", kernels=kernels).astype(np.int64)
+        assert out.shape == ref.shape
+        bad = np.flatnonzero(out != ref)
+        assert not bad.size, f"{kernels}: {bad.size} of {out.size} differ; first at {bad[0]}: sim " \
+                             f"{out.flat[bad[0]]} ref {ref.flat[bad[0]]}"
 
 
 # (input scale, input zero point, output scale, output zero point)
@@ -164,3 +173,50 @@ def test_xnnpack_mode_binary_ops_equal_the_default_kernels(op, sa, za, sb, zb, s
     want = _run_default_kernels(model, a).astype(np.int64)  # every pair of int8 codes
     got = tflite_sim.simulate(model, a, arithmetic="integer", rounding="xnnpack").astype(np.int64)
     assert int((got != want).sum()) == 0, f"{int((got != want).sum())} of 65536 pairs differ"
+
+
+@pytest.mark.parametrize("si", list(np.logspace(-3, 1.5, 24)))
+def test_logistic_input_scales_across_the_fixed_point_paths(si):
+    # TFLite Micro's fixed-point LOGISTIC takes another path per input scale (the frexp shift,
+    # the saturation radius); BUILTIN_REF's float table does not: both must match their kernels
+    zi = int(np.round(np.log10(si) * 37)) % 256 - 128
+    model = single_op_file("LOGISTIC", [T((1, 16, 16, 1), float(si), zi)], T((1, 16, 16, 1), 1.0 / 256, -128))
+    _assert_exact(model, ALL_CODES)
+
+
+def _per_channel_fc(seed: int, rows: int = 128) -> bytes:
+    # small weight codes keep the accumulators small, so the real multipliers can be large
+    # (right shifts of 4 to 8): the two roundings then part on a few percent of the outputs
+    rng = np.random.default_rng(seed)
+    out_ch, k = 48, 64
+    w = rng.integers(-4, 5, size=(out_ch, k)).astype(np.int8)
+    w_scale = np.logspace(-3, -2, out_ch).astype(np.float32)
+    in_scale = np.float32(0.05)
+    bias = rng.integers(-2000, 2000, size=out_ch).astype(np.int32)
+    options = schema.FullyConnectedOptionsT()
+    return single_op_file("FULLY_CONNECTED", [T((rows, k), float(in_scale), 3),
+                                              T((out_ch, k), tuple(w_scale), 0, data=w, axis=0),
+                                              T((out_ch,), tuple(in_scale * w_scale), 0, np.int32, bias)],
+                          T((rows, out_ch), 0.01, -7), options)
+
+
+def test_fully_connected_per_channel_parts_the_two_reference_kernel_sets():
+    # BUILTIN_REF requantizes the per-channel int8 FULLY_CONNECTED with single rounding, TFLite
+    # Micro with double: the simulator's kernel sets follow each, and here they really differ
+    model = _per_channel_fc(0)
+    x = _random_codes((128, 64), 1)
+    _assert_exact(model, x)
+    if "tflm" in ORACLES:
+        ref = tflite_sim.simulate(model, x, arithmetic="integer", kernels="litert-ref")
+        tflm = tflite_sim.simulate(model, x, arithmetic="integer", kernels="tflm")
+        assert (ref != tflm).any()
+
+
+def test_mean_over_height_and_width():
+    options = schema.ReducerOptionsT()
+    options.keepDims = False
+    axes = np.array([1, 2], np.int32)
+    model = single_op_file("MEAN", [T((1, 8, 8, 6), 0.043, -17), T((2,), None, 0, np.int32, axes)],
+                           T((1, 6), 0.011, 5), options)
+    for seed in (0, 1, 2):
+        _assert_exact(model, _random_codes((1, 8, 8, 6), seed))

@@ -99,6 +99,24 @@ def test_integer_simulator_stage_against_the_reference_kernels(run):
     assert vs_real["max_step_diff"] <= 1 and vs_real["within_one_step"] == 1.0
 
 
+def test_tflite_micro_target_is_bit_exact_with_its_integer_simulation(run):
+    """tflm-ref: TFLite Micro's interpreter runs the int8 file; the integer simulator with its
+    kernel set predicts every output code (W8A8 and the W4A8 file alike)."""
+    pytest.importorskip("tflite_micro")
+    _, env = run
+    done = cli(["verify", "-d", "tflm-ref", "--bits", "w8a8,w4a8", "--limit-images", "60", "--timing-runs", "2",
+                "--json"], env)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["rows"]
+    assert {r["bits"] for r in rows} == {"w8a8", "w4a8"}
+    for r in rows:
+        assert r["device"]["runtime"] == "tflite-micro" and r["device"]["kernels"] == "reference"
+        sim = r["integer_sim"]
+        assert sim["kernels"] == "tflm" and sim["rounding"] == "double"
+        assert sim["vs_real"]["images"] == 60 and sim["vs_real"]["max_step_diff"] == 0, sim["vs_real"]
+        assert r["gap"]["parts"]  # the chain ends on the TFLM run
+
+
 def test_onnx_target_sim_reads_its_encodings_from_the_file(run):
     """onnxruntime-cpu: the target sim executes the exported QDQ file itself (quant/onnx_sim.py)."""
     _, env = run

@@ -93,3 +93,18 @@ def run_reference(model: bytes, *inputs: np.ndarray) -> np.ndarray:
         it.set_tensor(detail["index"], x)
     it.invoke()
     return it.get_tensor(it.get_output_details()[0]["index"]).copy()
+
+
+def run_tflm(model: bytes, x: np.ndarray) -> np.ndarray:
+    """The file on TensorFlow Lite Micro's interpreter (tflite-micro wheel), one batch entry per invoke
+    when the file's batch is 1 (TFLM cannot resize inputs)."""
+    from tflite_micro.python.tflite_micro import runtime
+
+    it = runtime.Interpreter.from_bytes(model)
+    batch = int(it.get_input_details(0)["shape"][0])
+    outs = []
+    for i in range(0, len(x), batch):
+        it.set_input(np.ascontiguousarray(x[i:i + batch]), 0)
+        it.invoke()
+        outs.append(np.array(it.get_output(0), copy=True))
+    return np.concatenate(outs)

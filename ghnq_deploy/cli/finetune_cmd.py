@@ -36,6 +36,8 @@ def finetune_command(
     val_fraction: float = typer.Option(0.1, "--val-fraction", min=0.0, max=1.0, help="Image folder: fraction of each class held out for validation."),
     val_every: int = typer.Option(100, "--val-every", min=1, help="Steps between validations."),
     freeze_bn: float = typer.Option(0.1, "--freeze-bn", min=0.0, max=1.0, help="Last fraction of the steps on frozen, export-calibrated BN statistics and activation ranges."),
+    float_fraction: float = typer.Option(0.0, "--float-fraction", min=0.0, max=1.0, help="First fraction of the steps trained in float, without the simulator (several times cheaper per step); QAT follows."),
+    precision: str = typer.Option("auto", "--precision", help="Float-phase arithmetic: auto (bf16 autocast where the CPU computes bf16 natively, else fp32), bf16, fp32."),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", min=0.0, help="Clip the global gradient norm to this (default: no clipping)."),
     train_images: Optional[int] = typer.Option(None, "--train-images", min=1, help="Use only the first N training images."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", min=1, help="Steps between atomic checkpoints (state.pt)."),
@@ -55,7 +57,8 @@ def finetune_command(
     cfg = FinetuneConfig(model=str(source), out_dir=str(out), data=data, bits=bits, scheme=scheme, steps=steps,
                          epochs=epochs, minutes=minutes, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          init=init, noise=noise, seed=seed, val_count=val_count, val_fraction=val_fraction,
-                         val_every=val_every, freeze_bn=freeze_bn, grad_clip=grad_clip, train_images=train_images,
+                         val_every=val_every, freeze_bn=freeze_bn, float_fraction=float_fraction,
+                         precision=precision, grad_clip=grad_clip, train_images=train_images,
                          checkpoint_every=checkpoint_every, log_every=log_every)
     check_config(cfg)
     _set_threads(threads)

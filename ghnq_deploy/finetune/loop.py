@@ -3,12 +3,18 @@
 Recipe (the same for every start, so GHN-Q init and random init compare fairly): SGD with
 Nesterov momentum, weight decay on conv / linear weights only, a one-cycle rate
 (:mod:`ghnq_deploy.finetune.schedule`), standard CIFAR augmentation (crop 32 pad 4, flip)
-on the project's normalisation. Quantized bit-widths train through the fake-quant simulator:
-for most of the run in the QAT form of the deployment scheme (per-batch activation ranges,
-BatchNorm folded with batch statistics, :func:`~ghnq_deploy.quant.scheme.qat_scheme`); for
-the last ``freeze_bn`` of the steps BatchNorm running statistics and activation ranges are
-calibrated as ``export`` calibrates them and frozen, so training ends on the deployed
-arithmetic itself (running-statistics BN folded, calibrated ranges).
+on the project's normalisation. A run has up to three phases, in this order:
+- float (the first ``float_fraction`` of the steps): the plain net, bf16 autocast where the
+  CPU computes bf16 natively (``precision``); several times cheaper per step than the
+  simulator, so a short budget buys more steps (float training, then QAT: the usual recipe
+  of AIMET and TensorFlow's QAT guide);
+- QAT: quantized bit-widths train through the fake-quant simulator in the QAT form of the
+  deployment scheme (per-batch activation ranges, BatchNorm folded with batch statistics,
+  :func:`~ghnq_deploy.quant.scheme.qat_scheme`), float32;
+- frozen (the last ``freeze_bn`` of the steps): BatchNorm running statistics and activation
+  ranges calibrated as ``export`` calibrates them and frozen, so training ends on the
+  deployed arithmetic itself (running-statistics BN folded, calibrated ranges).
+A ``--minutes`` run times both kinds of step in its probe and fits the phases to the budget.
 
 Every random choice of a step (images, augmentation) is a pure function of (seed, step),
 and the state saved atomically every ``checkpoint_every`` steps holds the weights, the
@@ -42,6 +48,7 @@ from ghnq_deploy.finetune.schedule import OneCycle
 from ghnq_deploy.finetune.split import FinetuneData, load_finetune_data
 from ghnq_deploy.finetune.validate import deployed_accuracy, normalized_batches
 from ghnq_deploy.ghn.checkpoint import CheckpointError, torch_load_file
+from ghnq_deploy.ghn.precision import PRECISIONS, net_autocast, resolve_precision
 from ghnq_deploy.ghn.predict import PredictedModel, load_predicted, save_predicted
 from ghnq_deploy.io import atomic_torch_save, atomic_write_text
 from ghnq_deploy.quant.bn_calibrate import calibrate_bn
@@ -78,6 +85,8 @@ class FinetuneConfig:
     val_fraction: float = 0.1
     val_every: int = 100
     freeze_bn: float = 0.1  # last fraction of the steps on frozen (calibrated) BN statistics and ranges
+    float_fraction: float = 0.0  # first fraction of the steps in float (no simulator), quantized runs only
+    precision: str = "auto"  # float-phase arithmetic: bf16 autocast where native (auto), bf16, fp32
     grad_clip: float | None = None  # clip the global gradient norm (BN-free predictions can explode without)
     train_images: int | None = None
     checkpoint_every: int = 50
@@ -111,7 +120,7 @@ class FinetuneResult:
 # what a resumed run must repeat: the batches, rates and arithmetic of every step follow from these
 RESUME_MUST_MATCH = ("data", "bits", "scheme", "steps", "epochs", "minutes", "batch_size", "lr", "momentum",
                      "weight_decay", "init", "noise", "seed", "val_count", "val_fraction", "val_every", "freeze_bn",
-                     "train_images", "grad_clip")
+                     "train_images", "grad_clip", "float_fraction", "precision")
 
 
 def check_config(cfg: FinetuneConfig) -> None:
@@ -135,6 +144,13 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"--noise is a fraction of each weight's std in [0, 10), got {cfg.noise}")
     if not 0.0 <= cfg.freeze_bn < 1.0:
         raise FinetuneError(f"--freeze-bn is a fraction of the run in [0, 1), got {cfg.freeze_bn}")
+    if not 0.0 <= cfg.float_fraction < 1.0:  # also refuses NaN
+        raise FinetuneError(f"--float-fraction is a fraction of the run in [0, 1), got {cfg.float_fraction}")
+    if cfg.float_fraction + cfg.freeze_bn >= 1.0:
+        raise FinetuneError(f"--float-fraction {cfg.float_fraction} + --freeze-bn {cfg.freeze_bn} leave no steps "
+                            "for quantization-aware training; their sum must stay below 1")
+    if cfg.precision not in PRECISIONS:
+        raise FinetuneError(f"unknown --precision {cfg.precision!r}; choose from {', '.join(PRECISIONS)}")
     if not 0.0 < cfg.val_fraction < 1.0:
         raise FinetuneError(f"--val-fraction must lie strictly between 0 and 1, got {cfg.val_fraction}")
     for name, value in (("--batch-size", cfg.batch_size), ("--val-every", cfg.val_every),
@@ -182,6 +198,7 @@ class _Trainer:
         self.optimizer = _optimizer(model, cfg)
         self.frozen = False
         self.ranges: dict | None = None
+        self.precision = resolve_precision(cfg.precision)  # what the float phase runs in, on this CPU
 
     def freeze(self) -> None:
         """Calibrate BN statistics (and activation ranges) as export does; later steps use them fixed."""
@@ -193,20 +210,23 @@ class _Trainer:
                 self.ranges = dict(sim.ranges)
         self.frozen = True
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, float_phase: bool = False) -> torch.Tensor:
         model = self.model
-        if self.deploy.is_float:
+        if self.deploy.is_float or (float_phase and not self.frozen):
             model.train(not self.frozen)
-            return model(x)
+            if self.frozen:
+                return model(x)
+            with net_autocast(self.precision):
+                return model(x).float()
         params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         if self.frozen:
             return simulated_forward(model, params, x, scheme=self.deploy, bn="running", ranges=self.ranges)
         return simulated_forward(model, params, x, scheme=self.train_scheme, bn="batch")
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, float]:
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, float_phase: bool = False) -> tuple[float, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        logits = self.logits(x)
+        logits = self.logits(x, float_phase)
         loss = F.cross_entropy(logits, y)
         if not torch.isfinite(loss):
             raise FinetuneError(f"the training loss became {loss.item()} at this step (try --grad-clip 1, a lower --lr, "
@@ -252,7 +272,9 @@ def _truncate_log(path: Path, step: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut by kill -9 mid-write
             continue
-        if record.get("step", 0) <= step:
+        at = record.get("step", 0)
+        # a phase event at the checkpoint's own step came after it was saved: the resumed run logs it again
+        if at < step or (at == step and record.get("event") not in ("qat", "freeze")):
             kept.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
@@ -266,11 +288,54 @@ def _total_steps(cfg: FinetuneConfig, per_epoch: int) -> int | None:
     return max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
 
 
-def _fit_minutes(cfg: FinetuneConfig, step: int, elapsed: float, step_seconds: float, val_seconds: float) -> int:
-    """Total steps so the run (validations and the final save included) ends within --minutes."""
-    remaining = cfg.minutes * 60 - elapsed - 2 * val_seconds  # the final validation and model calibration
-    per_step = step_seconds + val_seconds / cfg.val_every
-    return max(step, step + int(max(0.0, remaining) / per_step * 0.95))
+def _qat_start(cfg: FinetuneConfig, total: int) -> int:
+    """First step of the simulator phases (the float phase is steps [0, this))."""
+    return round(cfg.float_fraction * total)
+
+
+class _PhaseClock:
+    """Seconds per step of each kind (float, simulator), so a --minutes run fits its phases."""
+
+    def __init__(self, record: dict | None = None):
+        self.record = {k: list(v) for k, v in (record or {"float": [0.0, 0], "sim": [0.0, 0]}).items()}
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.record[kind][0] += seconds
+        self.record[kind][1] += 1
+
+    def per_step(self, kind: str) -> float:
+        seconds, n = self.record[kind]
+        if n:
+            return seconds / n
+        other = self.record["sim" if kind == "float" else "float"]
+        return other[0] / max(1, other[1])  # not timed yet: the other kind's figure
+
+
+def _fit_minutes(cfg: FinetuneConfig, step: int, elapsed: float, clock: _PhaseClock, val_seconds: float,
+                 float_steps: bool) -> int:
+    """Total steps so the run (validations and the final save included) ends within --minutes.
+
+    ``float_steps``: whether the run has a float phase (its steps cost ``clock.per_step("float")``).
+    """
+    remaining = max(0.0, cfg.minutes * 60 - elapsed - 2 * val_seconds)  # the final validation and calibration
+    t_float = clock.per_step("float") if float_steps else clock.per_step("sim")
+    t_sim = clock.per_step("sim")
+
+    def cost(total: int) -> float:
+        start = _qat_start(cfg, total) if float_steps else 0
+        n_float = max(0, start - step)
+        n_sim = total - max(step, start)
+        steps = n_float + n_sim
+        return n_float * t_float + n_sim * t_sim + steps / cfg.val_every * val_seconds
+
+    lo, hi = step, step + int(remaining / max(1e-6, min(t_float, t_sim))) + 1
+    while lo < hi:  # the largest total whose cost fits 95 % of what is left
+        mid = (lo + hi + 1) // 2
+        if cost(mid) <= 0.95 * remaining:
+            lo = mid
+        else:
+            hi = mid - 1
+    return max(step, lo)
 
 
 def finetune(cfg: FinetuneConfig, resume: bool = False, on_step: Callable[[StepInfo], None] | None = None,
@@ -295,6 +360,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, on_step: Callable[[StepI
     model.load_state_dict(start.state_dict)
     trainer = _Trainer(model, cfg, data.calibration)
     total = _total_steps(cfg, batches.per_epoch)
+    has_float = cfg.float_fraction > 0 and not trainer.deploy.is_float
+    clock = _PhaseClock()
     probe = 0
     step, train_seconds, wall_before, val_start, ema = 0, 0.0, 0.0, None, (None, None)
     if state is not None:
@@ -308,6 +375,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, on_step: Callable[[StepI
         train_seconds, val_start, ema = state["train_seconds"], state["val_top1_start"], tuple(state["ema"])
         wall_before = state["wall_seconds"]
         trainer.frozen, trainer.ranges = state["frozen"], state["ranges"]
+        clock = _PhaseClock(state.get("phase_clock"))
         _truncate_log(log_path, step)
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -333,8 +401,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, on_step: Callable[[StepI
         if end_call is not None and step >= end_call:
             break
         if total is None and step == probe:
-            total = _fit_minutes(cfg, step, wall_before + time.perf_counter() - call_start,
-                                 train_seconds / max(1, step), val_seconds)
+            total = _fit_minutes(cfg, step, wall_before + time.perf_counter() - call_start, clock, val_seconds,
+                                 has_float)
             if step >= total:
                 break
         schedule = OneCycle(cfg.lr, total if total is not None else probe + 1, start=probe)
@@ -342,11 +410,19 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, on_step: Callable[[StepI
         if freeze_at is not None and not trainer.frozen and step >= freeze_at:
             trainer.freeze()
             log({"event": "freeze", "step": step, "ranges": trainer.ranges is not None})
+        if total is None:  # the probe times both kinds of step, alternately
+            float_phase = has_float and step % 2 == 0
+        else:
+            float_phase = has_float and not trainer.frozen and step < _qat_start(cfg, total)
+            if has_float and step == _qat_start(cfg, total) and not trainer.frozen:
+                log({"event": "qat", "step": step})
         t0 = time.perf_counter()
         x, y = batches(step)
         lr = schedule.lr(step)
-        loss, acc = trainer.step(x, y, lr)
-        train_seconds += time.perf_counter() - t0
+        loss, acc = trainer.step(x, y, lr, float_phase)
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        clock.add("float" if float_phase else "sim", seconds)
         ema = (loss if ema[0] is None else 0.95 * ema[0] + 0.05 * loss,
                acc if ema[1] is None else 0.95 * ema[1] + 0.05 * acc)
         step += 1
@@ -354,7 +430,9 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, on_step: Callable[[StepI
         done = total is not None and step >= total
         if step % cfg.log_every == 0 or done:
             log({"event": "train", "step": step, "total": total, "loss": loss, "acc": acc, "ema_loss": ema[0],
-                 "ema_acc": ema[1], "lr": lr, "train_seconds": train_seconds})
+                 "ema_acc": ema[1], "lr": lr, "train_seconds": train_seconds,
+                 "phase": "float" if float_phase else ("frozen" if trainer.frozen else "qat"),
+                 **({"precision": trainer.precision} if float_phase or trainer.deploy.is_float else {})})
         if step % cfg.val_every == 0 or done:
             t0 = time.perf_counter()
             val = last_val = deployed_accuracy(model, data.calibration, data.val, cfg.scheme, cfg.bits)
@@ -362,8 +440,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, on_step: Callable[[StepI
             log({"event": "val", "step": step, "val_top1": val, "train_seconds": train_seconds, "seconds": val_seconds})
             if cfg.minutes is not None and not done and total is not None:
                 # a shared machine slows down: shorten the cycle so the run still ends within --minutes
-                refit = _fit_minutes(cfg, step, wall_before + time.perf_counter() - call_start,
-                                     train_seconds / step, val_seconds)
+                refit = _fit_minutes(cfg, step, wall_before + time.perf_counter() - call_start, clock, val_seconds,
+                                     has_float)
                 if refit < total:
                     total = max(step + 1, refit)
                     log({"event": "refit", "step": step, "total": total})
@@ -373,6 +451,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, on_step: Callable[[StepI
                     "format": STATE_FORMAT, "step": step, "total": total, "probe": probe, "model": model.state_dict(),
                     "optimizer": trainer.optimizer.state_dict(), "frozen": trainer.frozen, "ranges": trainer.ranges,
                     "train_seconds": train_seconds, "val_top1_start": val_start, "ema": list(ema),
+                    "phase_clock": clock.record,
                     "wall_seconds": wall_before + time.perf_counter() - call_start,
                     "config": asdict(cfg), "model_sha256": model_sha,
                 })
@@ -393,6 +472,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, on_step: Callable[[StepI
             "validation_set": data.val.description, "val_top1_start": val_start, "val_top1_final": last_val,
             "val_protocol": f"{cfg.scheme} {cfg.bits}: BN and activation ranges calibrated on the calibration images",
             "train_seconds": train_seconds, "state_sha256": sha256_file(state_path) if state_path.exists() else None,
+            "float_steps": _qat_start(cfg, total) if has_float else 0,
+            "float_precision": trainer.precision if has_float or trainer.deploy.is_float else None,
         }
         meta = finetuned_meta(parent, source, start.from_ghn, finetune_info)
         state_dict = {k: v.detach().clone().contiguous() for k, v in saved.state_dict().items()}

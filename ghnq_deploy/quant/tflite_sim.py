@@ -13,6 +13,10 @@ Arithmetic modes:
   picks the requantization: ``"double"`` (TFLite default builds, BUILTIN_REF), ``"single"``
   (TFLITE_SINGLE_ROUNDING: TFLite Micro, CMSIS-NN) or ``"xnnpack"`` (fp32 scale, ties to even,
   as XNNPACK's int8 kernels requantize; an approximation whose distance we measure).
+  ``kernels`` picks whose reference kernels the integer rules follow where they part:
+  ``"litert-ref"`` (LiteRT's BUILTIN_REF) or ``"tflm"`` (TensorFlow Lite Micro's, as the
+  tflite-micro wheel runs them). Measured difference: the per-channel int8 FULLY_CONNECTED,
+  which BUILTIN_REF requantizes with single rounding and TFLite Micro with double.
 
 Convolutions run as torch conv2d on exact integers in float32 when every partial sum is
 provably below 2^24, else float64 (exact below 2^53), so integer results are bit-exact.
@@ -21,6 +25,7 @@ Ops are a registry (builtin name -> kernel); a new op is one registered function
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +40,7 @@ from ghnq_deploy.quant import unary_int8 as unary
 from ghnq_deploy.quant.tflite_graph import Graph, Operator, read_tflite
 
 ARITHMETICS = ("fake-quant", "integer")
+KERNEL_SETS = ("litert-ref", "tflm")
 KERNELS: dict[str, Callable[["Simulator", Operator], None]] = {}
 
 
@@ -72,11 +78,14 @@ class _Conv:
 class Simulator:
     """One parsed model, run batch by batch; ``cache`` holds per-op prepared constants."""
 
-    def __init__(self, graph: Graph, arithmetic: str = "fake-quant", rounding: str = "double"):
+    def __init__(self, graph: Graph, arithmetic: str = "fake-quant", rounding: str = "double",
+                 kernels: str = "litert-ref"):
         if arithmetic not in ARITHMETICS:
             raise UserError(f"unknown arithmetic {arithmetic!r}; choose from {', '.join(ARITHMETICS)}")
         if rounding not in rq.ROUNDINGS:
             raise UserError(f"unknown rounding {rounding!r}; choose from {', '.join(rq.ROUNDINGS)}")
+        if kernels not in KERNEL_SETS:
+            raise UserError(f"unknown simulator kernel set {kernels!r}; choose from {', '.join(KERNEL_SETS)}")
         if arithmetic == "fake-quant" and rounding != "double":
             raise UserError("--rounding applies to integer arithmetic only (fake-quant has no fixed-point rounding)")
         for op in graph.operators:
@@ -85,7 +94,7 @@ class Simulator:
         if len(graph.inputs) != 1 or len(graph.outputs) != 1:
             raise UserError(f"{graph.path}: the simulator runs single-input single-output models "
                             f"({len(graph.inputs)} inputs, {len(graph.outputs)} outputs)")
-        self.graph, self.arithmetic, self.rounding = graph, arithmetic, rounding
+        self.graph, self.arithmetic, self.rounding, self.kernels = graph, arithmetic, rounding, kernels
         self.integer = arithmetic == "integer"
         self.cache: dict[int, object] = {}
         self.env: dict[int, torch.Tensor] = {}
@@ -212,19 +221,19 @@ def _check_input(graph: Graph, inputs: np.ndarray) -> np.ndarray:
 
 
 def load(model_file: str | os.PathLike | bytes | Graph, arithmetic: str = "fake-quant",
-         rounding: str = "double") -> Simulator:
+         rounding: str = "double", kernels: str = "litert-ref") -> Simulator:
     graph = model_file if isinstance(model_file, Graph) else read_tflite(model_file, supported=frozenset(KERNELS))
-    return Simulator(graph, arithmetic, rounding)
+    return Simulator(graph, arithmetic, rounding, kernels)
 
 
 def simulate(model_file: str | os.PathLike | bytes | Graph, inputs: np.ndarray, arithmetic: str = "fake-quant",
-             rounding: str = "double", batch_size: int = 256) -> np.ndarray:
+             rounding: str = "double", batch_size: int = 256, kernels: str = "litert-ref") -> np.ndarray:
     """The file's raw output tensor (int8 for full-integer files) for its raw input tensor.
 
     ``inputs`` is what the interpreter's input takes: int8 NHWC, already quantized with the
     file's input scale and zero point.
     """
-    sim = load(model_file, arithmetic, rounding)
+    sim = load(model_file, arithmetic, rounding, kernels)
     x = _check_input(sim.graph, inputs)
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
@@ -234,10 +243,10 @@ def simulate(model_file: str | os.PathLike | bytes | Graph, inputs: np.ndarray, 
     return np.concatenate(outs)
 
 
-def simulate_all(model_file, inputs: np.ndarray, arithmetic: str = "integer", rounding: str = "double"
-                 ) -> dict[str, np.ndarray]:
+def simulate_all(model_file, inputs: np.ndarray, arithmetic: str = "integer", rounding: str = "double",
+                 kernels: str = "litert-ref") -> dict[str, np.ndarray]:
     """Every intermediate tensor by name (for layer-wise comparison); run on a few samples only."""
-    sim = load(model_file, arithmetic, rounding)
+    sim = load(model_file, arithmetic, rounding, kernels)
     kept = sim.run(_check_input(sim.graph, inputs), keep_all=True)
     return {sim.meta(i).name: v for i, v in kept.items()}
 
@@ -400,8 +409,10 @@ def _fully_connected(sim: Simulator, op: Operator) -> None:
         x = sim.value(x_i).to(p.dtype).sub_(in_zero).reshape(-1, k)
         acc = torch.addmm(p.bias_arith, x, p.weight) if p.bias is not None else x @ p.weight
         # measured against BUILTIN_REF (ai-edge-litert 2.3): the per-channel int8 FULLY_CONNECTED
-        # reference kernel requantizes with single rounding even in double-rounding builds
-        rounding = "single" if sim.rounding == "double" and p.multiplier.size > 1 else None
+        # reference kernel requantizes with single rounding even in double-rounding builds;
+        # TFLite Micro's (tflite-micro wheel) rounds it twice like every other op
+        per_channel_single = sim.kernels == "litert-ref" and p.multiplier.size > 1
+        rounding = "single" if sim.rounding == "double" and per_channel_single else None
         sim.requantized(out_i, acc, p.multiplier, p.shift, p.scale_f32, o.get("fused_activation_function"), rounding,
                         bound=p.bound)
     else:
@@ -730,9 +741,14 @@ def _hard_swish_float(x: torch.Tensor) -> torch.Tensor:
 
 @register("LOGISTIC")
 def _logistic(sim: Simulator, op: Operator) -> None:
-    # the reference and generic kernels share one float LUT (no fixed-point rounding to choose)
-    _unary_via_table(sim, op, {"double": unary.logistic_table, "xnnpack": unary.logistic_table_xnnpack},
-                     torch.sigmoid)
+    # LiteRT's reference and generic kernels share one float LUT (no fixed-point rounding to
+    # choose); TFLite Micro's kernel is gemmlowp fixed point, whose input rescale follows the build
+    if sim.kernels == "tflm":
+        tables = {r: functools.partial(unary.logistic_table_tflm, rounding=r) for r in ("double", "single")}
+        tables["xnnpack"] = unary.logistic_table_xnnpack
+    else:
+        tables = {"double": unary.logistic_table, "xnnpack": unary.logistic_table_xnnpack}
+    _unary_via_table(sim, op, tables, torch.sigmoid)
 
 
 @register("HARD_SWISH")

@@ -28,6 +28,8 @@ class Runtime:
     runner_arg: str  # the device runner's --runtime value
     # in-process run on this host (export's check), or None where this host's package is not that runtime
     run_in_process: Callable[[Path, np.ndarray, str, int | None], np.ndarray] | None = None
+    # whose integer rules the bit-exact simulator follows for this runtime's files (tflite_sim.KERNEL_SETS)
+    integer_kernels: str = "litert-ref"
 
     def check_kernels(self, kernels: str) -> str:
         if kernels not in self.kernels:
@@ -72,6 +74,9 @@ register(Runtime("tflite-runtime", "tflite", ("tflite-runtime",), _TFLITE_KERNEL
                  "tflite-runtime Interpreter (the pre-LiteRT package, for devices with numpy < 2)", "tflite-runtime"))
 register(Runtime("tflite-auto", "tflite", ("ai-edge-litert", "tflite-runtime"), _TFLITE_KERNELS,
                  "whichever TFLite interpreter the device has (ai-edge-litert first, then tflite-runtime)", "auto"))
+register(Runtime("tflite-micro", "tflite", ("tflite-micro",), ("reference",),
+                 "TensorFlow Lite Micro interpreter (tflite-micro wheel): the microcontroller reference kernels, "
+                 "batch 1", "tflite-micro", integer_kernels="tflm"))
 register(Runtime("onnxruntime", "onnx", ("onnxruntime",), ("builtin", "reference"),
                  "ONNX Runtime, CPU execution provider (QDQ graphs run as fused integer kernels)", "onnxruntime",
                  _ort_run))

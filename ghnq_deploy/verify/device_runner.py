@@ -3,7 +3,7 @@
 This file is copied, alone, to the device (a Raspberry Pi over SSH, an emulated aarch64 root
 filesystem, or a temp folder on this host) and run with the device's own Python. It therefore
 imports nothing from ghnq_deploy: only the standard library, numpy and the device's interpreter
-(ai-edge-litert, tflite-runtime or onnxruntime). It must keep working with Python >= 3.9 and
+(ai-edge-litert, tflite-runtime, tflite-micro or onnxruntime). It must keep working with Python >= 3.9 and
 numpy 1 or 2, since a device's system Python is usually older than ours.
 
     python3 device_runner.py --model m.tflite --inputs in.npy --output out.npz \
@@ -33,7 +33,7 @@ EXIT_NO_RUNTIME = 3
 ERROR_PREFIX = "device_runner: error: "
 
 TFLITE_RUNTIMES = ("litert", "tflite-runtime")
-RUNTIMES = ("auto",) + TFLITE_RUNTIMES + ("onnxruntime",)
+RUNTIMES = ("auto",) + TFLITE_RUNTIMES + ("tflite-micro", "onnxruntime")
 # kernel set -> OpResolverType member name (ai-edge-litert and tflite-runtime share them):
 # XNNPACK delegate (the default path), the optimised builtin kernels without delegates, and
 # the reference kernels (the exactness yardstick)
@@ -196,6 +196,54 @@ class TFLiteModel:
         return self.interpreter.get_tensor(self.output["index"]).copy()
 
 
+class TFLMModel:
+    """TensorFlow Lite Micro's interpreter (the tflite-micro wheel): the microcontroller kernels,
+    one image per invoke (its tensors have the file's fixed batch of 1)."""
+
+    def __init__(self, path: str, kernels: str, threads: int):
+        if kernels != "reference":
+            raise RunnerError(f"tflite-micro has only its reference kernels, not {kernels}: use --kernels reference")
+        try:
+            from tflite_micro.python.tflite_micro import runtime as module
+        except ImportError:
+            raise RunnerError("tflite-micro is not installed on this device: `pip install tflite-micro` there",
+                              EXIT_NO_RUNTIME) from None
+        self.package, self.version = "tflite-micro", _version("tflite-micro", module)
+        try:
+            self.interpreter = module.Interpreter.from_file(path)
+            self.input = self.interpreter.get_input_details(0)
+            self.output = self.interpreter.get_output_details(0)
+        except Exception as exc:  # noqa: BLE001 - TFLM raises bare RuntimeError / struct errors
+            raise RunnerError(f"tflite-micro cannot load {os.path.basename(path)}: {_first_line(exc)}") from None
+        if int(self.input["shape"][0]) != 1:
+            raise RunnerError(f"tflite-micro runs batch-1 models; {os.path.basename(path)} has batch "
+                              f"{int(self.input['shape'][0])}")
+
+    def expects(self):
+        import numpy as np
+
+        return np.dtype(self.input["dtype"]), tuple(int(v) for v in self.input["shape"][1:]), "NHWC"
+
+    def quantization(self) -> dict:
+        def q(detail):
+            params = detail.get("quantization_parameters") or {}
+            scales, zeros = list(params.get("scales", [])), list(params.get("zero_points", []))
+            return {"dtype": str(detail["dtype"].__name__), "scale": float(scales[0]) if scales else 0.0,
+                    "zero_point": int(zeros[0]) if zeros else 0}
+
+        return {"input": q(self.input), "output": q(self.output)}
+
+    def __call__(self, x):
+        import numpy as np
+
+        outs = []
+        for image in x:
+            self.interpreter.set_input(image[None], 0)
+            self.interpreter.invoke()
+            outs.append(np.array(self.interpreter.get_output(0), copy=True))
+        return np.concatenate(outs)
+
+
 class ONNXModel:
     """ONNX Runtime, CPU provider; 'reference' switches graph optimisations (fusions) off."""
 
@@ -255,6 +303,8 @@ def load_model(path: str, runtime: str, kernels: str, threads: int):
         return ONNXModel(path, kernels, threads)
     if runtime == "onnxruntime":
         raise RunnerError(f"{os.path.basename(path)} is not an ONNX file: onnxruntime cannot run it")
+    if runtime == "tflite-micro":
+        return TFLMModel(path, kernels, threads)
     return TFLiteModel(path, runtime, kernels, threads)
 
 

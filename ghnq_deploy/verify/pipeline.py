@@ -182,15 +182,16 @@ class Stages:
         self._paper: dict[str, np.ndarray] = {}
         self._paper_running: dict[str, np.ndarray] = {}
         self._target: dict[tuple[str, str], np.ndarray] = {}
-        self._file_sims: dict[tuple[str, str, str], np.ndarray] = {}
+        self._file_sims: dict[tuple[str, str, str, str], np.ndarray] = {}
 
-    def file_sim(self, sha: str, arithmetic: str, rounding: str, run) -> np.ndarray:
+    def file_sim(self, sha: str, arithmetic: str, rounding: str, run, kernels: str = "litert-ref") -> np.ndarray:
         """A simulation of one exported file (shared by the targets that consume the same file)."""
-        key = (sha, arithmetic, rounding)
+        key = (sha, arithmetic, rounding, kernels)
         if key not in self._file_sims:
             start = time.perf_counter()
             self._file_sims[key] = run()
-            self.seconds[f"{arithmetic}_sim_{rounding}_{sha[:8]}"] = time.perf_counter() - start
+            label = rounding if kernels == "litert-ref" else f"{rounding}_{kernels}"
+            self.seconds[f"{arithmetic}_sim_{label}_{sha[:8]}"] = time.perf_counter() - start
         return self._file_sims[key]
 
     def check_calibration(self, manifest: dict) -> None:
@@ -315,7 +316,8 @@ def verify_target(stages: Stages, target: Target, cfg: VerifyConfig, model_path:
 
                     try:
                         int_sim = stages.file_sim(sha, "integer", mode, lambda: tflite_sim.simulate(
-                            model_file, inputs, "integer", rounding=mode))
+                            model_file, inputs, "integer", rounding=mode, kernels=runtime.integer_kernels),
+                            kernels=runtime.integer_kernels)
                     except UserError as exc:
                         notes.append(f"{model_file.name}: no integer simulation ({exc}); the gap chain merges "
                                      f"integer arithmetic into kernel / platform")
@@ -349,7 +351,7 @@ def verify_target(stages: Stages, target: Target, cfg: VerifyConfig, model_path:
                 "delta_top1_pt": sim_vs_real.delta_top1_pt, "sim_vs_real": sim_vs_real.to_dict(),
                 "float_vs_real": float_vs_real.to_dict(),
                 "integer_sim": None if int_sim is None else {
-                    "rounding": mode,
+                    "rounding": mode, "kernels": runtime.integer_kernels,
                     "vs_real": cmp.compare(int_sim.astype(np.float64), real, labels).to_dict(),
                     "vs_target_sim": cmp.compare(sim_steps, int_sim.astype(np.float64), labels).to_dict()},
                 "latency": cmp.latency_summary(result.latency_ms),
