@@ -65,7 +65,8 @@ def seconds_per_step(model_file: Path, out: Path, bits: str, args) -> float:
     if marker.exists():
         return json.loads(marker.read_text())["seconds_per_step"]
     cfg = FinetuneConfig(model=str(model_file), out_dir=str(out), data=args.data, bits=bits, scheme=args.scheme,
-                         steps=PROBE_STEPS + 2, seed=args.seed, val_every=10**6, val_count=100, log_every=1)
+                         steps=PROBE_STEPS + 2, seed=args.seed, val_every=10**6, val_count=100, log_every=1,
+                         float_fraction=args.float_fraction)
     result = finetune(cfg)
     log = read_log(result.log_file)
     at = {r["step"]: r["train_seconds"] for r in log if r.get("event") == "train"}
@@ -77,7 +78,7 @@ def seconds_per_step(model_file: Path, out: Path, bits: str, args) -> float:
 def run_one(model_file: Path, out: Path, bits: str, init: str, steps: int, args) -> dict:
     cfg = FinetuneConfig(model=str(model_file), out_dir=str(out), data=args.data, bits=bits, scheme=args.scheme,
                          steps=steps, init=init, seed=args.seed, val_every=args.val_every, val_count=args.val_count,
-                         log_every=1, lr=args.lr, grad_clip=args.grad_clip)
+                         log_every=1, lr=args.lr, grad_clip=args.grad_clip, float_fraction=args.float_fraction)
     if not (out / "model.pt").exists():
         finetune(cfg, resume=(out / "state.pt").exists())
     log = read_log(out / "finetune_log.jsonl")
@@ -96,7 +97,9 @@ def main() -> None:
     p.add_argument("--steps", default=None, help="comma list of step budgets instead of --budgets (no timing run)")
     p.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="peak rate of the one-cycle schedule, every start")
     p.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm, every start")
-    p.add_argument("--inits", default="ghn,random")
+    p.add_argument("--inits", default=f"{FinetuneConfig.init},random")
+    p.add_argument("--float-fraction", type=float, default=FinetuneConfig.float_fraction,
+                   help="first fraction of each run in float (the timed run has the same phases)")
     p.add_argument("--scheme", default="tflite-int8")
     p.add_argument("--checkpoint", default="default")
     p.add_argument("--data", default=None)

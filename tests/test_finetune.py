@@ -194,3 +194,27 @@ def test_a_run_folder_marker_picks_the_finetuned_model(tmp_path):
     assert "\n" not in str(info.value)
     set_active_model(run, None)
     assert resolve_model(run) == run / "model.pt"
+
+
+def test_rescaled_start_keeps_the_function_and_takes_the_init_norms(predicted):
+    from ghnq_deploy.arch.builder import build_model
+
+    model = load_predicted(predicted)
+    start = make_start(model, "ghn-rescale", 0)
+    reference = build_model(model.spec, seed=0).state_dict()
+    convs = [f"layers.{n.inputs[0]}.weight" for n in model.spec.nodes if n.op == "bn"]
+    assert convs and set(convs) <= set(start.changed) and start.from_ghn
+    for k in convs:
+        assert torch.allclose(start.state_dict[k].norm(), reference[k].norm(), rtol=1e-5)
+        assert not torch.allclose(model.state_dict[k].norm(), reference[k].norm(), rtol=1e-2)  # it did rescale
+    assert "layers.fc.weight" not in start.changed  # no BN after it: its scale is the function's
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    nets = []
+    for state in (model.state_dict, start.state_dict):
+        net = build_model(model.spec)
+        net.load_state_dict(state)
+        nets.append(net)
+    with torch.no_grad():
+        for mode in (True, False):  # batch statistics, and the rescaled running statistics
+            a, b = (net.train(mode)(x) for net in nets)
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())

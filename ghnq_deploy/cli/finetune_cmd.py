@@ -36,7 +36,7 @@ def finetune_command(
     val_fraction: float = typer.Option(0.1, "--val-fraction", min=0.0, max=1.0, help="Image folder: fraction of each class held out for validation."),
     val_every: int = typer.Option(100, "--val-every", min=1, help="Steps between validations."),
     freeze_bn: float = typer.Option(0.1, "--freeze-bn", min=0.0, max=1.0, help="Last fraction of the steps on frozen, export-calibrated BN statistics and activation ranges."),
-    float_fraction: float = typer.Option(0.0, "--float-fraction", min=0.0, max=1.0, help="First fraction of the steps trained in float, without the simulator (several times cheaper per step); QAT follows."),
+    float_fraction: float = typer.Option(0.7, "--float-fraction", min=0.0, max=1.0, help="First fraction of the steps trained in float, without the simulator (several times cheaper per step); QAT follows."),
     precision: str = typer.Option("auto", "--precision", help="Float-phase arithmetic: auto (bf16 autocast where the CPU computes bf16 natively, else fp32), bf16, fp32."),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", min=0.0, help="Clip the global gradient norm to this (default: no clipping)."),
     train_images: Optional[int] = typer.Option(None, "--train-images", min=1, help="Use only the first N training images."),

@@ -85,7 +85,7 @@ class FinetuneConfig:
     val_fraction: float = 0.1
     val_every: int = 100
     freeze_bn: float = 0.1  # last fraction of the steps on frozen (calibrated) BN statistics and ranges
-    float_fraction: float = 0.0  # first fraction of the steps in float (no simulator), quantized runs only
+    float_fraction: float = 0.7  # first fraction of the steps in float (no simulator), quantized runs only
     precision: str = "auto"  # float-phase arithmetic: bf16 autocast where native (auto), bf16, fp32
     grad_clip: float | None = None  # clip the global gradient norm (BN-free predictions can explode without)
     train_images: int | None = None
