@@ -123,10 +123,10 @@ def _fmt(v, spec: str = ".1f") -> str:
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, "", "| model | params | weights | import s | predict s | export s (onnx / onnx-int8 / tflite / "
              "tflite-int8) | float top-1 | tflite-int8 top-1 (agr.) | onnx-int8 top-1 (agr.) | int8 size ratio "
-             "(tflite) | int8 speed-up 1t / 2t |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(tflite) | int8 speed-up 1t / 2t | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | — | — | — | — | {r['error']} | | | | | |")
+            lines.append(f"| {r['model']} | — | — | — | — | {r['error']} | | | | | | |")
             continue
         exp = " / ".join(_fmt(r.get(f"{f}_export_s"), ".0f") if f"{f}_error" not in r else "failed" for f in FORMATS)
         ft = r.get("float_top1_note") or _fmt(r.get("float_top1"))
@@ -135,7 +135,8 @@ def markdown(rows: list[dict], header: str) -> str:
             f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['params_from']} | {_fmt(r.get('import_s'))} | "
             f"{_fmt(r.get('predict_s'), '.2f')} | {exp} | {ft} | {_fmt(r.get('tflite-int8_top1'))} "
             f"({_fmt(r.get('tflite-int8_agreement'))}) | {_fmt(r.get('onnx-int8_top1'))} "
-            f"({_fmt(r.get('onnx-int8_agreement'))}) | {_fmt(r.get('tflite_size_ratio'), '.2f')} | {lat} |")
+            f"({_fmt(r.get('onnx-int8_agreement'))}) | {_fmt(r.get('tflite_size_ratio'), '.2f')} | {lat} | "
+            f"{_fmt(r.get('load_average_1min'), '.1f')} |")
     errors = [f"- {r['model']}: {k}: {v}" for r in rows for k, v in r.items() if k.endswith("_error")]
     return "\n".join(lines + ([""] + errors if errors else [])) + "\n"
 
@@ -146,6 +147,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500, help="evaluation images per export")
     parser.add_argument("--runs", type=int, default=30, help="timed invocations per file and thread count")
     parser.add_argument("-o", "--output", type=Path, default=None)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in OUTPUT/sweep.json and skip their models")
     args = parser.parse_args()
     import torch
 
@@ -153,15 +156,24 @@ def main() -> None:
     from ghnq_deploy.io import atomic_write_text
 
     rows: list[dict] = []
+    if args.resume and args.output and (args.output / "sweep.json").exists():
+        rows = json.loads((args.output / "sweep.json").read_text())["rows"]
+    done = {r["model"] for r in rows}
     started = time.perf_counter()
+    header = ""
     with tempfile.TemporaryDirectory() as ws:
-        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        for name in [m.strip() for m in args.models.split(",") if m.strip() and m.strip() not in done]:
             t = time.perf_counter()
-            rows.append(one_model(name, Path(ws), args.images, args.runs))
+            row = one_model(name, Path(ws), args.images, args.runs)
+            # latency under load is not the machine's: each row says how busy the CPUs were
+            row["load_average_1min"] = round(os.getloadavg()[0], 2)
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
             header = (f"torchvision at 3x32x32 / 10 classes: {len(rows)} models, {args.images} images of the "
                       f"shipped evaluation set (CIFAR-10 test (JPEG copy)), {os.cpu_count()} CPUs, "
-                      f"{time.perf_counter() - started:.0f} s (last: {time.perf_counter() - t:.0f} s)")
+                      f"this call {time.perf_counter() - started:.0f} s (last: {time.perf_counter() - t:.0f} s); "
+                      "latency medians are batch 1, taken while the machine did other work: see each row's "
+                      "load_average_1min")
             if args.output:
                 args.output.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(args.output / "sweep.json", json.dumps({"header": header, "rows": rows}, indent=1))
