@@ -101,7 +101,7 @@ def one_model(name: str, ws: Path, images: int, runs: int) -> dict:
         row[f"{fmt}_top1"] = None if "top1" not in ev else 100 * ev["top1"]
         row[f"{fmt}_agreement"] = None if "top1_agreement_with_torch" not in ev else 100 * ev["top1_agreement_with_torch"]
         row["float_top1"] = None if "torch_float_top1" not in ev else 100 * ev["torch_float_top1"]
-    if "GHN" not in row["params_from"]:
+    if not row["params_from"].startswith("GHN-Q"):
         row["float_top1_note"] = "n/a: not GHN-predicted"
     for fam in ("tflite", "onnx"):
         if f"{fam}_bytes" in row and f"{fam}-int8_bytes" in row:
@@ -129,7 +129,7 @@ def markdown(rows: list[dict], header: str) -> str:
             lines.append(f"| {r['model']} | — | — | — | — | {r['error']} | | | | | | |")
             continue
         exp = " / ".join(_fmt(r.get(f"{f}_export_s"), ".0f") if f"{f}_error" not in r else "failed" for f in FORMATS)
-        ft = r.get("float_top1_note") or _fmt(r.get("float_top1"))
+        ft = _fmt(r.get("float_top1")) if r["params_from"].startswith("GHN-Q") else "n/a: not GHN-predicted"
         lat = " / ".join(_fmt((r.get(f"latency_{t}t") or {}).get("speedup"), ".2f") + "×" for t in (1, 2))
         lines.append(
             f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['params_from']} | {_fmt(r.get('import_s'))} | "

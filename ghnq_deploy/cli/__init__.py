@@ -133,6 +133,15 @@ def _plain_usage() -> None:
 
         display_type_rich._plain = True
         core.TyperArgument.display_type_rich = display_type_rich
+    option_original = getattr(core.TyperOption, "display_type_rich", None)
+    if option_original is not None and not getattr(option_original, "_plain", False):
+        def option_type_rich(self, ctx):  # a flag click adds itself (--help) has no value placeholder either
+            if self.metavar is None and getattr(self, "is_flag", False):
+                return ""
+            return option_original(self, ctx)
+
+        option_type_rich._plain = True
+        core.TyperOption.display_type_rich = option_type_rich
 
 
 def _load_commands() -> None:
