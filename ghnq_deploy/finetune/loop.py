@@ -362,6 +362,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, on_step: Callable[[StepI
     total = _total_steps(cfg, batches.per_epoch)
     has_float = cfg.float_fraction > 0 and not trainer.deploy.is_float
     clock = _PhaseClock()
+    qat_started = False  # whether the first simulator step after the float phase has run (its log event)
     probe = 0
     step, train_seconds, wall_before, val_start, ema = 0, 0.0, 0.0, None, (None, None)
     if state is not None:
@@ -376,6 +377,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, on_step: Callable[[StepI
         wall_before = state["wall_seconds"]
         trainer.frozen, trainer.ranges = state["frozen"], state["ranges"]
         clock = _PhaseClock(state.get("phase_clock"))
+        qat_started = bool(state.get("qat_started", False))
         _truncate_log(log_path, step)
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -414,8 +416,9 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, on_step: Callable[[StepI
             float_phase = has_float and step % 2 == 0
         else:
             float_phase = has_float and not trainer.frozen and step < _qat_start(cfg, total)
-            if has_float and step == _qat_start(cfg, total) and not trainer.frozen:
+            if has_float and not float_phase and not trainer.frozen and not qat_started:  # also after a refit
                 log({"event": "qat", "step": step})
+                qat_started = True
         t0 = time.perf_counter()
         x, y = batches(step)
         lr = schedule.lr(step)
@@ -451,7 +454,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, on_step: Callable[[StepI
                     "format": STATE_FORMAT, "step": step, "total": total, "probe": probe, "model": model.state_dict(),
                     "optimizer": trainer.optimizer.state_dict(), "frozen": trainer.frozen, "ranges": trainer.ranges,
                     "train_seconds": train_seconds, "val_top1_start": val_start, "ema": list(ema),
-                    "phase_clock": clock.record,
+                    "phase_clock": clock.record, "qat_started": qat_started,
                     "wall_seconds": wall_before + time.perf_counter() - call_start,
                     "config": asdict(cfg), "model_sha256": model_sha,
                 })
