@@ -72,3 +72,28 @@ def test_a_broken_weight_layout_is_refused(large_logit_model, tmp_path, monkeypa
     with pytest.raises(ExportError, match="disagrees with torch"):
         export(large_logit_model, "tflite", out_dir=tmp_path / "bad", eval_count=100)
     assert not (tmp_path / "bad" / tflite_export.FLOAT_FILE).exists()
+
+
+def test_a_file_outside_the_bound_passes_only_as_close_to_float64_as_torch_is():
+    # VGG-sized sums: the bound on the largest logit is too tight for float32 rounding alone;
+    # the float64 yardstick lets such a file through and still refuses a real translation error
+    calls = []
+
+    def exact(file_err: float, torch_err: float):
+        def run():
+            calls.append(1)
+            return {"file_max_abs_diff": file_err, "torch_float32_max_abs_diff": torch_err, "factor": 8.0}
+        return run
+
+    ev = _evaluation(0.0155, 1e-3, 1510.0)
+    check_parity("tflite", ev, 1e-4, exact(0.02, 0.01))
+    assert ev["parity"]["passed_by"].startswith("float64") and ev["parity"]["float64"]["file_max_abs_diff"] == 0.02
+    with pytest.raises(ExportError, match="disagrees with torch"):
+        check_parity("tflite", _evaluation(0.0155, 1e-3, 1510.0), 1e-4, exact(5.0, 0.01))
+    with pytest.raises(ExportError):  # tolerance 0 still means bit-identical: no rescue
+        check_parity("onnx", _evaluation(1e-6, 1e-7, 1.0), 0.0, exact(0.0, 1.0))
+    with pytest.raises(ExportError):  # NaN logits are never rescued
+        check_parity("onnx", _evaluation(math.nan, math.nan, math.nan), 1e-4, exact(0.0, 1.0))
+    n = len(calls)
+    check_parity("onnx", _evaluation(1e-5, 1e-6, 1.0), 1e-4, exact(0.0, 1.0))  # inside the bound
+    assert len(calls) == n  # the float64 run is only paid for files outside the bound
